@@ -1,0 +1,251 @@
+"""The `ovlfsck` command: a thin typer app. Parse, build the model, call the engine, exit.
+
+Every failure is one sentence on stderr and an fsck(8) exit code; typer/click's own usage
+exit (2) becomes 16; Ctrl-C becomes 32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import List, Optional
+
+import functools
+
+import typer
+
+from ovlfsck import __version__
+from ovlfsck.errors import Cancelled, ExitCode, OvlfsckError, UsageError
+from ovlfsck.problems import CATALOG, Severity, explain as explain_problem, lookup, markdown
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    help="Offline checker and repairer for Linux overlayfs layer sets.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+COMMANDS = ("check", "undo", "explain", "problems")
+
+
+def contract(prog: str):
+    """Turn our exceptions (and Ctrl-C) into one sentence on stderr and an exit code."""
+
+    def wrap(func):
+        @functools.wraps(func)
+        def inner(*args, **kwargs):
+            try:
+                rv = func(*args, **kwargs)
+            except Cancelled as exc:
+                print(f"{prog}: {exc}", file=sys.stderr)
+                raise typer.Exit(ExitCode.CANCELLED)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted; every change made so far is journaled", file=sys.stderr)
+                raise typer.Exit(ExitCode.CANCELLED)
+            except OvlfsckError as exc:
+                print(f"{prog}: {exc}", file=sys.stderr)
+                raise typer.Exit(exc.exit_code)
+            except BrokenPipeError:
+                raise typer.Exit(ExitCode.OPERATIONAL)
+            except OSError as exc:
+                where = f"{exc.filename}: " if exc.filename else ""
+                print(f"{prog}: {where}{exc.strerror or exc}", file=sys.stderr)
+                raise typer.Exit(ExitCode.OPERATIONAL)
+            raise typer.Exit(rv if isinstance(rv, int) else ExitCode.OK)
+
+        return inner
+
+    return wrap
+
+
+
+def parse_severities(items: List[str]) -> tuple:
+    out = []
+    for item in items:
+        key, sep, level = item.partition("=")
+        if not sep:
+            raise UsageError(f"--severity wants NAME=LEVEL, got {item!r}")
+        problem = lookup(key.strip())
+        if problem is None:
+            raise UsageError(f"--severity: unknown problem {key!r} (see: ovlfsck problems)")
+        try:
+            sev = Severity(level.strip().lower())
+        except ValueError:
+            raise UsageError(f"--severity: level must be error, warning, info or ignore, got {level!r}") from None
+        out.append((problem.code, sev))
+    return tuple(out)
+
+
+def _mode(no: bool, yes: bool, preen: bool):
+    from ovlfsck.engine import Mode
+
+    if sum((no, yes, preen)) > 1:
+        raise UsageError("only one of -n, -y and -p (-a) can be given")
+    if no:
+        return Mode.NO
+    if yes:
+        return Mode.YES
+    if preen:
+        return Mode.PREEN
+    return Mode.ASK
+
+
+def run_check(
+    options: List[str],
+    lowers: List[str],
+    upper: Optional[str],
+    work: Optional[str],
+    mode,
+    repair_lowers: bool,
+    as_json: bool,
+    verbose: bool,
+    quiet: bool,
+    severities: tuple = (),
+    listener_factory=None,
+    asker=None,
+) -> int:
+    """Shared by `ovlfsck check` and the fsck.overlay front end."""
+    from ovlfsck import engine, report
+    from ovlfsck.engine import Mode, Policy, TerminalAsker
+    from ovlfsck.preflight import run_preflight
+    from ovlfsck.stack import build_stack
+
+    stack = build_stack(options, lowers, upper, work)
+    if mode is Mode.ASK and asker is None and not sys.stdin.isatty():
+        raise OvlfsckError(
+            "no terminal to ask questions on: use -n (check only), -p (fix what is safe) or -y (fix everything)"
+        )
+    pre = run_preflight(stack, want_write=mode is not Mode.NO)
+    notes = list(pre.notes)
+    if pre.namespace_note:
+        notes.append(pre.namespace_note)
+    if verbose:
+        notes.extend(f"option {opt!r} is not used by ovlfsck and was ignored" for opt in stack.ignored_options)
+    out = sys.stderr if as_json else sys.stdout
+    listener = None
+    if listener_factory is not None:
+        listener = listener_factory(out)
+    elif not as_json:
+        listener = report.TextReporter(out, verbose=verbose, quiet=quiet)
+    if mode is Mode.ASK and asker is None:
+        asker = TerminalAsker()
+    policy = Policy(mode, repair_lowers=repair_lowers, severities=severities)
+    if not as_json and not quiet:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    result = engine.run(stack, policy, pre, asker=asker, listener=listener)
+    code = result.exit_code
+    if as_json:
+        report.dump_json(report.json_document(stack, pre.namespace, mode.value, result, code))
+    elif isinstance(listener, report.TextReporter):
+        listener.summary(result, [])
+    elif listener is not None and hasattr(listener, "summary"):
+        listener.summary(result)
+    return code
+
+
+@app.command()
+@contract("ovlfsck")
+def check(
+    options: List[str] = typer.Option([], "-o", help="Mount options: lowerdir=A:B,upperdir=U,workdir=W (repeatable)."),
+    lower: List[str] = typer.Option([], "--lower", help="A lower layer, top-most first (repeatable)."),
+    upper: Optional[str] = typer.Option(None, "--upper", help="The upper layer."),
+    work: Optional[str] = typer.Option(None, "--work", help="The workdir."),
+    no: bool = typer.Option(False, "-n", "--no", help="Change nothing; report everything."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Fix every problem that has a fix."),
+    preen: bool = typer.Option(False, "-p", "-a", "--preen", help="Fix what is safe without asking."),
+    repair_lowers: bool = typer.Option(False, "--repair-lowers", help="Also repair lower layers."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document (schema ovlfsck/1) on stdout."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Also show warnings, info and notes."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only errors and the summary."),
+    severity: List[str] = typer.Option([], "--severity", help="NAME=error|warning|info|ignore (repeatable)."),
+) -> int:
+    """Check a layer stack and (with -y/-p or interactively) repair it."""
+    return run_check(
+        options, lower, upper, work, _mode(no, yes, preen), repair_lowers, as_json, verbose, quiet,
+        parse_severities(severity),
+    )
+
+
+@app.command()
+@contract("ovlfsck")
+def undo(
+    journal: str = typer.Argument(..., help="The journal file a repair run printed."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be reverted; change nothing."),
+) -> int:
+    """Revert the changes of one earlier run, newest first."""
+    from ovlfsck.repair import undo as undo_journal
+
+    if not os.path.isfile(journal):
+        raise OvlfsckError(f"{journal}: no such journal file")
+    for line in undo_journal(journal, None, dry_run=dry_run):
+        print(line)
+    return ExitCode.OK
+
+
+@app.command()
+@contract("ovlfsck")
+def explain(code: str = typer.Argument(..., help="A problem code (OVL101) or name (orphan-whiteout).")) -> int:
+    """Print the documentation of one problem code."""
+    problem = lookup(code)
+    if problem is None:
+        raise UsageError(f"unknown problem {code!r} (see: ovlfsck problems)")
+    print(explain_problem(problem))
+    return ExitCode.OK
+
+
+@app.command()
+@contract("ovlfsck")
+def problems(
+    as_json: bool = typer.Option(False, "--json", help="The catalog as JSON."),
+    as_markdown: bool = typer.Option(False, "--markdown", help="The catalog as docs/problems.md."),
+) -> int:
+    """List every problem code."""
+    if as_json:
+        print(json.dumps([
+            {"code": p.code, "name": p.name, "severity": p.severity.value, "title": p.title,
+             "fix": p.prompt, "preen": p.preen_ok and p.prompt is not None, "kernel": p.kernel, "doc": p.doc}
+            for p in CATALOG
+        ], indent=2))
+    elif as_markdown:
+        sys.stdout.write(markdown())
+    else:
+        for p in CATALOG:
+            print(f"{p.code}  {p.name:32} {p.severity.value:8} {p.title}")
+    return ExitCode.OK
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"ovlfsck {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """ovlfsck checks overlayfs layers before they are mounted."""
+
+
+def invoke(app_obj, argv: List[str], prog: str) -> int:
+    """Run a typer app; its usage-error exit (2) becomes fsck's 16."""
+    try:
+        app_obj(args=argv, prog_name=prog)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else ExitCode.OPERATIONAL)
+        return ExitCode.USAGE if code == 2 else code
+    except KeyboardInterrupt:
+        return ExitCode.CANCELLED
+    return ExitCode.OK
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # `check` is the default job: `ovlfsck -n -o ...` means `ovlfsck check -n -o ...`.
+    if args and args[0] not in COMMANDS and args[0] not in ("-h", "--help", "-V", "--version"):
+        args.insert(0, "check")
+    sys.exit(invoke(app, args, "ovlfsck"))

@@ -1,0 +1,356 @@
+"""Runs the passes over the merged walk; `CheckContext.fix()` is the single choke point.
+
+Passes build Findings and call `ctx.fix(finding)`; only here is it decided, under
+-n/-y/-p/ask, whether a fix is applied, and only here are fixes journaled and applied.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, Sequence
+
+from ovlfsck import handles
+from ovlfsck.errors import Cancelled, ExitCode, OperationalError
+from ovlfsck.fsio import Xattrs
+from ovlfsck.problems import BY_CODE, Problem, Severity
+from ovlfsck.stack import Layer, Role, Stack
+
+
+class Mode(enum.Enum):
+    NO = "no"
+    YES = "yes"
+    PREEN = "preen"
+    ASK = "ask"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The repair policy: an immutable value; per-layer restrictions are derived from it."""
+
+    mode: Mode
+    repair_lowers: bool = False
+    severities: tuple[tuple[str, Severity], ...] = ()
+
+    def severity_of(self, problem: Problem) -> Severity:
+        for code, sev in self.severities:
+            if code == problem.code:
+                return sev
+        return problem.severity
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem at one place, with the operations that would fix it."""
+
+    problem: Problem
+    layer: Optional[Layer]
+    path: str
+    detail: str = ""
+    ops: tuple = ()
+    action: Optional[str] = None  # what the fix does, for the report
+    preen_ok: Optional[bool] = None  # overrides the catalog (e.g. an ambiguous duplicate)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.problem.code, self.layer.name if self.layer else "", self.path)
+
+    @property
+    def can_preen(self) -> bool:
+        return self.problem.preen_ok if self.preen_ok is None else self.preen_ok
+
+
+@dataclass
+class Outcome:
+    finding: Finding
+    severity: Severity
+    fixed: bool
+    answer: Optional[str]  # 'yes' | 'no' | None (no question asked)
+    note: Optional[str] = None  # why it was left, or what went wrong
+
+    @property
+    def counted(self) -> bool:
+        return self.severity is Severity.ERROR
+
+
+class Asker(Protocol):
+    def ask(self, finding: Finding, default: bool) -> bool: ...
+
+
+class TerminalAsker:
+    """Interactive questions: y/n, a = yes to all of this kind, q = quit (exit 32)."""
+
+    def __init__(self, stream_in=None, stream_out=None) -> None:
+        self.stdin = stream_in or sys.stdin
+        self.out = stream_out or sys.stderr
+        self.all_yes: set[str] = set()
+
+    def ask(self, finding: Finding, default: bool) -> bool:
+        code = finding.problem.code
+        if code in self.all_yes:
+            return True
+        hint = "[Y/n/a/q]" if default else "[y/N/a/q]"
+        while True:
+            self.out.write(f"{finding.problem.prompt}? {hint} ")
+            self.out.flush()
+            line = self.stdin.readline()
+            if not line:
+                return default
+            ans = line.strip().lower()
+            if ans == "":
+                return default
+            if ans in ("y", "yes"):
+                return True
+            if ans in ("n", "no"):
+                return False
+            if ans in ("a", "all"):
+                self.all_yes.add(code)
+                return True
+            if ans in ("q", "quit"):
+                raise Cancelled("cancelled by the user; the journal is consistent")
+            self.out.write("Please answer y (yes), n (no), a (yes to all of this kind) or q (quit).\n")
+
+
+class Listener(Protocol):
+    def on_outcome(self, outcome: Outcome) -> None: ...
+
+
+@dataclass
+class LayerInfo:
+    writable: bool
+    uuid: Optional[bytes] = None
+
+
+@dataclass
+class RunResult:
+    outcomes: list[Outcome] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # operational errors met on the way
+    journal: Optional[str] = None
+
+    @property
+    def found(self) -> int:
+        return sum(1 for o in self.outcomes if o.counted)
+
+    @property
+    def fixed(self) -> int:
+        return sum(1 for o in self.outcomes if o.counted and o.fixed)
+
+    @property
+    def left(self) -> int:
+        return self.found - self.fixed
+
+    @property
+    def exit_code(self) -> int:
+        code = ExitCode.OK
+        if self.fixed:
+            code |= ExitCode.FIXED
+        if self.left:
+            code |= ExitCode.UNCORRECTED
+        if self.errors:
+            code |= ExitCode.OPERATIONAL
+        return code
+
+
+class CheckContext:
+    """What the passes see: the stack, the xattr reader, and fix()."""
+
+    def __init__(
+        self,
+        stack: Stack,
+        namespace: str,
+        policy: Policy,
+        layer_info: dict[str, LayerInfo],
+        journal_factory: Optional[Callable[[], object]],
+        asker: Optional[Asker],
+        listener: Optional[Listener],
+        result: RunResult,
+    ) -> None:
+        self.stack = stack
+        self.policy = policy
+        self.xa = Xattrs(namespace)
+        self.layer_info = layer_info
+        self._journal_factory = journal_factory
+        self.journal = None
+        self.asker = asker
+        self.listener = listener
+        self.result = result
+        self.seen: set[tuple[str, str, str]] = set()
+        self.walker = None  # set by run()
+
+    # ------------------------------------------------------------------ helpers
+
+    def xname(self, suffix: str) -> str:
+        return self.xa.name(suffix)
+
+    def layer_uuid(self, layer: Layer) -> Optional[bytes]:
+        info = self.layer_info.get(layer.name)
+        if info is None:
+            return None
+        if info.uuid is None:
+            info.uuid = handles.fs_uuid(layer.path) or b""
+        return info.uuid or None
+
+    def handle_of(self, layer: Layer, path: str) -> Optional[handles.OvlFh]:
+        """The handle the kernel would store for the object at host path `path`."""
+        uuid = self.layer_uuid(layer)
+        if uuid is None:
+            return None
+        try:
+            return handles.encode_for(path, uuid)
+        except OSError:
+            return None
+
+    def operational(self, message: str) -> None:
+        self.result.errors.append(message)
+
+    def _writable(self, finding: Finding) -> Optional[str]:
+        """None if every op may be applied, else why not."""
+        for op in finding.ops:
+            layer: Layer = op.layer
+            info = self.layer_info.get(layer.name)
+            if layer.role in (Role.LOWER, Role.DATA) and not self.policy.repair_lowers:
+                return f"{layer.name} is a lower layer: repaired only with --repair-lowers"
+            if info is None or not info.writable:
+                return f"{layer.name} is read-only: checked, never written"
+        return None
+
+    # ------------------------------------------------------------------ the choke point
+
+    def fix(self, finding: Finding) -> bool:
+        """Report `finding`; apply its fix if the policy says so. True if fixed."""
+        severity = self.policy.severity_of(finding.problem)
+        if severity is Severity.IGNORE or finding.key in self.seen:
+            return False
+        self.seen.add(finding.key)
+        if severity is not Severity.ERROR:
+            self._emit(Outcome(finding, severity, False, None))
+            return False
+        if not finding.ops:
+            self._emit(Outcome(finding, severity, False, None, "no automatic fix"))
+            return False
+        reason = self._writable(finding) if self.policy.mode is not Mode.NO else None
+        if reason:
+            self._emit(Outcome(finding, severity, False, "no", reason))
+            return False
+        accepted = self._decide(finding, finding.can_preen)
+        if not accepted:
+            note = None
+            if self.policy.mode is Mode.PREEN:
+                note = "not safe to fix without a decision: run with -y or interactively"
+            self._emit(Outcome(finding, severity, False, "no", note))
+            return False
+        note = self._apply(finding)
+        self._emit(Outcome(finding, severity, note is None, "yes", note))
+        return note is None
+
+    def choose(self, finding: Finding) -> bool:
+        """A follow-up choice after a fix (not a problem: never counted when declined)."""
+        if not finding.ops or self._writable(finding):
+            return False
+        accepted = self._decide(finding, finding.can_preen)
+        if accepted:
+            note = self._apply(finding)
+            self._emit(Outcome(finding, Severity.INFO, note is None, "yes", note))
+            return note is None
+        return False
+
+    def _decide(self, finding: Finding, can_preen: bool) -> bool:
+        mode = self.policy.mode
+        if mode is Mode.NO:
+            return False
+        if mode is Mode.YES:
+            return True
+        if mode is Mode.PREEN:
+            return can_preen
+        assert self.asker is not None
+        if self.listener is not None and hasattr(self.listener, "before_question"):
+            self.listener.before_question(finding)
+        return self.asker.ask(finding, can_preen)
+
+    def _apply(self, finding: Finding) -> Optional[str]:
+        if self.journal is None:
+            assert self._journal_factory is not None, "a -n run has no journal"
+            self.journal = self._journal_factory()
+        try:
+            for op in finding.ops:
+                self.journal.apply(op)
+        except (OSError, ValueError, OperationalError) as exc:
+            msg = f"{finding.layer.name if finding.layer else ''}:{finding.path}: fix failed: {exc}"
+            self.operational(msg)
+            return f"fix failed: {exc}"
+        self.result.journal = getattr(self.journal, "path", None)
+        return None
+
+    def _emit(self, outcome: Outcome) -> None:
+        self.result.outcomes.append(outcome)
+        if self.listener is not None:
+            self.listener.on_outcome(outcome)
+
+
+def _layer_info(stack: Stack, preflight, mode: Mode) -> dict[str, LayerInfo]:
+    info = {}
+    for layer in stack.all_layers:
+        status = preflight.statuses.get(layer.name) if preflight else None
+        ro = bool(status and status.read_only)
+        info[layer.name] = LayerInfo(writable=(mode is not Mode.NO and not ro))
+    return info
+
+
+def run(
+    stack: Stack,
+    policy: Policy,
+    preflight,
+    *,
+    asker: Optional[Asker] = None,
+    listener: Optional[Listener] = None,
+    journal_factory: Optional[Callable[[], object]] = None,
+    max_rounds: int = 3,
+) -> RunResult:
+    """Check (and, per policy, repair) the stack.
+
+    When a round applied fixes, the stack is checked again (at most `max_rounds`), since a
+    fix can change what a directory merges with; only findings new to the run are
+    reported in later rounds.
+    """
+    from ovlfsck.passes import PASSES, WORKDIR_PASSES
+    from ovlfsck.walk import Walker
+
+    result = RunResult()
+    if policy.mode is not Mode.NO and journal_factory is None:
+        from ovlfsck.repair import Journal
+
+        def journal_factory() -> object:
+            return Journal.create(stack)
+
+    namespace = preflight.namespace if preflight else "trusted"
+    infos = _layer_info(stack, preflight, policy.mode)
+    ctx = CheckContext(stack, namespace, policy, infos, journal_factory, asker, listener, result)
+    for round_no in range(max_rounds):
+        fixed_before = sum(1 for o in result.outcomes if o.fixed)
+
+        def on_error(layer: Layer, relpath: str, exc: OSError) -> None:
+            from ovlfsck.engine import Finding as _F
+
+            ctx.fix(_F(BY_CODE["OVL901"], layer, relpath, f"cannot list: {exc.strerror}"))
+            result.errors.append(f"{layer.name}:{relpath or '.'}: {exc.strerror}")
+
+        walker = Walker(stack, ctx.xa, on_error)
+        ctx.walker = walker
+        for visit in walker.visits():
+            for p in PASSES:
+                p.check(ctx, visit)
+        for p in PASSES:
+            fin = getattr(p, "finish", None)
+            if fin:
+                fin(ctx)
+        for p in WORKDIR_PASSES:
+            p.check(ctx)
+        if ctx.journal is not None and hasattr(ctx.journal, "close") and round_no == max_rounds - 1:
+            pass
+        if sum(1 for o in result.outcomes if o.fixed) == fixed_before:
+            break
+    if ctx.journal is not None:
+        ctx.journal.close()
+        result.journal = ctx.journal.path
+    return result

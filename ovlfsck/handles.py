@@ -1,0 +1,171 @@
+"""Overlay file handles (`struct ovl_fb`) and the syscalls that produce real ones.
+
+Wire format (overlay-format.md §4.1): version(0) magic(0xfb) len flags type uuid[16] fid,
+stored as exactly `len` bytes. Index entry names are the lowercase hex of the same bytes.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+OVL_FH_VERSION = 0
+OVL_FH_MAGIC = 0xFB
+FLAG_BIG_ENDIAN = 0x01
+FLAG_ANY_ENDIAN = 0x02
+FLAG_PATH_UPPER = 0x04
+FLAG_ALL = 0x07
+HEADER_LEN = 21
+MAX_HANDLE_SZ = 128
+CPU_ENDIAN_FLAG = FLAG_BIG_ENDIAN if sys.byteorder == "big" else 0
+NULL_UUID = bytes(16)
+
+
+class HandleError(ValueError):
+    """The bytes are not a valid overlay file handle (the kernel says EINVAL)."""
+
+
+class UnknownHandle(ValueError):
+    """Valid framing, but a version/flag/endianness the kernel treats as 'unknown' (ENODATA)."""
+
+
+@dataclass(frozen=True)
+class OvlFh:
+    flags: int
+    fid_type: int
+    uuid: bytes
+    fid: bytes
+    version: int = OVL_FH_VERSION
+
+    def encode(self) -> bytes:
+        length = HEADER_LEN + len(self.fid)
+        return bytes([self.version, OVL_FH_MAGIC, length, self.flags, self.fid_type]) + self.uuid + self.fid
+
+    def index_name(self) -> str:
+        return self.encode().hex()
+
+    def same_object(self, other: "OvlFh") -> bool:
+        """Same uuid, type and fid (flags aside), i.e. the kernel's memcmp minus PATH_UPPER."""
+        return (self.uuid, self.fid_type, self.fid) == (other.uuid, other.fid_type, other.fid)
+
+
+def decode(raw: bytes) -> OvlFh:
+    """Parse stored bytes exactly as ovl_check_fb_len/ovl_get_fh do.
+
+    Raises HandleError for what the kernel calls invalid (EINVAL) and UnknownHandle for
+    what it silently treats as an unknown origin (ENODATA).
+    """
+    if len(raw) < HEADER_LEN:
+        raise HandleError(f"too short ({len(raw)} bytes, need at least {HEADER_LEN})")
+    version, magic, length, flags, fid_type = raw[0], raw[1], raw[2], raw[3], raw[4]
+    if length < HEADER_LEN or len(raw) < length:
+        raise HandleError(f"length field {length} does not match {len(raw)} stored bytes")
+    if magic != OVL_FH_MAGIC:
+        raise HandleError(f"bad magic 0x{magic:02x}")
+    if version > OVL_FH_VERSION or flags & ~FLAG_ALL:
+        raise UnknownHandle(f"unknown version {version} or flags 0x{flags:02x}")
+    if not flags & FLAG_ANY_ENDIAN and (flags & FLAG_BIG_ENDIAN) != CPU_ENDIAN_FLAG:
+        raise UnknownHandle("handle written on a machine of the other endianness")
+    return OvlFh(flags=flags, fid_type=fid_type, uuid=bytes(raw[5:21]), fid=bytes(raw[21:length]), version=version)
+
+
+def decode_index_name(name: str) -> OvlFh:
+    """Decode an index entry name (hex of an ovl_fb), as ovl_verify_index does."""
+    if len(name) < 2 * HEADER_LEN:
+        raise HandleError(f"name shorter than {2 * HEADER_LEN} characters")
+    if len(name) % 2:
+        raise HandleError("odd number of hex digits")
+    try:
+        raw = bytes.fromhex(name)
+    except ValueError:
+        raise HandleError("not hexadecimal") from None
+    return decode(raw)
+
+
+# ----------------------------------------------------------------- real file handles
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+AT_FDCWD = -100
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ),
+    ]
+
+
+def name_to_handle(path: str) -> tuple[int, bytes]:
+    """(fid_type, fid bytes) of the object at `path`, symlinks not followed.
+
+    This is what the kernel encodes for an origin (exportfs_encode_inode_fh without a
+    parent), byte for byte (overlay-format.md §4.3).
+    """
+    fh = _FileHandle()
+    fh.handle_bytes = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    rc = _libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), ctypes.byref(fh), ctypes.byref(mount_id), 0)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])
+
+
+# FS_IOC_GETFSUUID = _IOR(0x15, 0, struct fsuuid2 { u8 len; u8 uuid[16]; })
+FS_IOC_GETFSUUID = 0x80111500
+
+
+def fs_uuid(path: str) -> Optional[bytes]:
+    """The uuid of the filesystem holding `path` (s_uuid), or None if it cannot be had."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        buf = bytearray(17)
+        try:
+            fcntl.ioctl(fd, FS_IOC_GETFSUUID, buf, True)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                return None
+            return None
+        length = buf[0]
+        uuid = bytes(buf[1 : 1 + length])
+        return uuid.ljust(16, b"\0")[:16]
+    finally:
+        os.close(fd)
+
+
+def encode_for(path: str, uuid: bytes, upper: bool = False) -> OvlFh:
+    """The overlay handle the kernel would store for the object at `path`."""
+    fid_type, fid = name_to_handle(path)
+    flags = CPU_ENDIAN_FLAG | (FLAG_PATH_UPPER if upper else 0)
+    return OvlFh(flags=flags, fid_type=fid_type, uuid=uuid, fid=fid)
+
+
+def describe_fid(fh: OvlFh) -> str:
+    """A short human description of the fid (inode/generation where the layout is known)."""
+    fid = fh.fid
+    try:
+        if fh.fid_type == 0x01 and len(fid) == 8:  # ext4: ino32, gen32
+            ino, gen = struct.unpack("<II" if not fh.flags & FLAG_BIG_ENDIAN else ">II", fid)
+            return f"ino {ino} gen {gen:#x}"
+        if fh.fid_type == 0x01 and len(fid) == 12:  # shmem: gen, ino_lo, ino_hi
+            gen, lo, hi = struct.unpack("<III", fid)
+            return f"ino {lo | hi << 32} gen {gen:#x}"
+        if fh.fid_type == 0x81 and len(fid) == 12:  # xfs / ino64_gen
+            ino, gen = struct.unpack("<QI", fid)
+            return f"ino {ino} gen {gen:#x}"
+        if fh.fid_type == 0x4D and len(fid) >= 20:  # btrfs
+            ino, root, gen = struct.unpack("<QQI", fid[:20])
+            return f"ino {ino} subvol {root} gen {gen}"
+    except struct.error:
+        pass
+    return f"type {fh.fid_type:#x} fid {fid.hex()}"

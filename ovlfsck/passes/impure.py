@@ -1,0 +1,39 @@
+"""impure: required on an upper directory holding an origin child, a redirected
+directory or a merged directory (copy_up.c, dir.c, namei.c:ovl_fix_origin)."""
+from __future__ import annotations
+
+from ovlfsck.engine import CheckContext, Finding
+from ovlfsck.problems import BY_CODE
+from ovlfsck.repair import SetXattr
+from ovlfsck.walk import DirVisit
+
+
+def check(ctx: CheckContext, visit: DirVisit) -> None:
+    if not visit.members or not visit.members[0].layer.is_upper:
+        return
+    top = visit.members[0]
+    xa = ctx.xa
+    if top.entry.xattrs(xa).get("impure") == b"y":
+        return
+    reasons: list[str] = []
+    for name, entry in visit.listings[0].items():
+        if entry.is_chr_whiteout():
+            continue
+        x = entry.xattrs(xa)
+        if "origin" in x:
+            reasons.append(f"{name!r} has an origin")
+        elif entry.is_dir:
+            if "redirect" in x:
+                reasons.append(f"{name!r} is a redirected directory")
+            else:
+                chain = visit.chains.get(name)
+                if chain is not None and chain.is_merged and chain.members[0].entry is entry:
+                    reasons.append(f"{name!r} is a merged directory")
+        if len(reasons) >= 3:
+            break
+    if reasons:
+        ctx.fix(Finding(
+            BY_CODE["OVL401"], top.layer, top.relpath, "; ".join(reasons),
+            ops=(SetXattr(top.layer, top.relpath, ctx.xname("impure"), b"y"),),
+            action="set impure=y",
+        ))
