@@ -191,7 +191,8 @@ def finish(ctx: CheckContext) -> None:
         matches = [(_origin_matches(ctx, o.entry, target), o, p) for o, p in owners]
         good = [t for t in matches if t[0]]
         names = ", ".join(repr(p) for _, p in owners)
-        base = f"{names} all redirect to {key[0]}:{key[1]}"
+        both = "both" if len(owners) == 2 else "all"
+        base = f"{names} {both} redirect to {key[0]}:{key[1]}"
         if len(good) == 1:
             keeper = good[0][1]
             losers = [(o, p) for m, o, p in matches if o is not keeper]
