@@ -19,6 +19,7 @@ trusted.* xattrs, as the kernel does.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from typing import Optional
 
@@ -62,7 +63,11 @@ def build(spec: str, root: str, namespace: str = "trusted") -> dict[str, str]:
     current: Optional[str] = None
     os.makedirs(root, exist_ok=True)
     for lineno, line in enumerate(spec.splitlines(), 1):
-        line = line.split("#", 1)[0].strip() if not line.lstrip().startswith("file") else line.strip()
+        # A comment is a line starting with '#', or ' #...' after a statement ('#' inside a
+        # name, like index/#12, is not one); file text runs to the end of the line.
+        line = line.strip()
+        if not line.startswith("file "):
+            line = re.sub(r"\s+#.*$", "", line)
         if not line or line.startswith("#"):
             continue
         if line.startswith("[") and line.endswith("]"):

@@ -32,8 +32,8 @@ class TextReporter:
     mode are printed by the asker right after the finding line.
     """
 
-    def __init__(self, out: TextIO = sys.stdout, verbose: bool = False, quiet: bool = False) -> None:
-        self.out = out
+    def __init__(self, out: Optional[TextIO] = None, verbose: bool = False, quiet: bool = False) -> None:
+        self.out = out or sys.stdout
         self.verbose = verbose
         self.quiet = quiet
 
@@ -129,7 +129,8 @@ def json_document(stack: Stack, namespace: str, mode: str, result: Optional[RunR
     return doc
 
 
-def dump_json(doc: dict, out: TextIO = sys.stdout) -> None:
+def dump_json(doc: dict, out: Optional[TextIO] = None) -> None:
+    out = out or sys.stdout
     json.dump(doc, out, indent=2, ensure_ascii=True)
     out.write("\n")
     out.flush()

@@ -20,23 +20,23 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
             if not entry.is_whiteout(xa):
                 continue
             rel = join(member.relpath, name)
-            if entry.is_xwhiteout(xa):
-                if member.layer.is_upper:
-                    ctx.fix(Finding(
-                        BY_CODE["OVL104"], member.layer, rel,
-                        "readdir lists it while lookups say it does not exist",
-                        ops=(Quarantine(member.layer, rel), MakeWhiteout(member.layer, rel)),
-                        action="replace it with a 0/0 character-device whiteout",
-                    ))
-                    continue
-                if dir_x.get("opaque") != b"x" and not lowermost:
-                    unmarked_x.append(name)
             beneath = None
             for j in range(i + 1, n):
                 beneath = visit.listings[j].get(name)
                 if beneath is not None:
                     break
             if beneath is not None and not beneath.is_whiteout(xa):
+                # It hides something: only its form can be wrong.
+                if entry.is_xwhiteout(xa):
+                    if member.layer.is_upper:
+                        ctx.fix(Finding(
+                            BY_CODE["OVL104"], member.layer, rel,
+                            "readdir lists it while lookups say it does not exist",
+                            ops=(Quarantine(member.layer, rel), MakeWhiteout(member.layer, rel)),
+                            action="replace it with a 0/0 character-device whiteout",
+                        ))
+                    elif dir_x.get("opaque") != b"x":
+                        unmarked_x.append(name)
                 continue
             if beneath is not None:
                 code, detail = "OVL101", f"{visit.members[j].layer.name} already has a whiteout there"
