@@ -162,37 +162,72 @@ class Walker:
 
     # ------------------------------------------------------------------ lookups
 
-    def lookup_path(self, layer: Layer, comps: list[str]) -> tuple[Optional[Entry], bool]:
-        """Walk `comps` from the root of `layer` with lstat; (entry, stop).
+    def lookup_path(self, layer: Layer, comps: list[str]) -> tuple[Optional[Entry], bool, list[str], Optional[RedirectEvent]]:
+        """Walk `comps` from the root of `layer` as ovl_lookup_layer does with an absolute
+        name; returns (entry, stop, comps for the layers beneath, bad redirect or None).
 
-        stop is True when a whiteout, a non-directory or an opaque directory on the way
-        ends the lookup for all layers beneath (ovl_lookup_layer with an absolute name).
+        - a missing component: (None, False): try the next layer;
+        - a whiteout or a non-directory on the way: (None, True): no layer beneath either;
+        - an opaque directory on the way: the walk in this layer goes on, but the layers
+          beneath are not consulted (stop), unless a later absolute redirect resets it;
+        - a redirect on an intermediate directory rewrites the name used in the layers
+          beneath (ovl_check_redirect), while this layer's walk continues below it.
+        The last component's own opaque and redirect are left to the caller.
         """
         cur = layer.path
         entry: Optional[Entry] = None
-        for i, comp in enumerate(comps):
-            cur = os.path.join(cur, comp)
+        stop = False
+        comps = list(comps)
+        lowermost = self.is_lowermost(layer)
+        i = 0
+        while i < len(comps):
+            cur = os.path.join(cur, comps[i])
             entry = lstat_entry(cur)
             if entry is None:
-                return None, False
+                return None, stop, comps, None
             if entry.is_whiteout(self.xa):
-                return entry, True
-            if i < len(comps) - 1:
-                if not entry.is_dir:
-                    return None, True
-                if not self.is_lowermost(layer) and entry.xattrs(self.xa).get("opaque") == b"y":
-                    return None, True
-        return entry, False
+                return None, True, comps, None
+            last = i == len(comps) - 1
+            if last:
+                break
+            if not entry.is_dir:
+                return None, True, comps, None
+            if not lowermost:
+                x = entry.xattrs(self.xa)
+                if x.get("opaque") == b"y":
+                    stop = True
+                elif "redirect" in x:
+                    value = x["redirect"]
+                    problem, detail = validate_redirect(value)
+                    if problem:
+                        rel = "/".join(comps[: i + 1])
+                        bad = RedirectEvent(Member(layer, rel, entry), value, problem, detail)
+                        return None, True, comps, bad
+                    text = os.fsdecode(value)
+                    post = comps[i + 1 :]
+                    if text.startswith("/"):
+                        stop = False
+                        comps = text[1:].split("/") + post
+                    else:
+                        comps = comps[:i] + [text] + post
+                    i = len(comps) - len(post) - 1
+            i += 1
+        return entry, stop, comps, None
 
     def resolve(
         self,
         name: str,
         parent_members: list[Member],
-        parent_listings: list[dict[str, Entry]],
+        parent_listings: Optional[list[dict[str, Entry]]],
         merged_path: str,
         straight: bool,
+        register: bool = True,
     ) -> Chain:
-        """The kernel's lookup of `name` in a merged directory made of `parent_members`."""
+        """The kernel's lookup of `name` in a merged directory made of `parent_members`.
+
+        With `parent_listings` the entries come from those scandir results; without, each
+        is a point lookup (lstat) in the member directory.
+        """
         chain = Chain(name)
         cur_name = name
         abs_comps: Optional[list[str]] = None
@@ -212,16 +247,25 @@ class Walker:
                 if pm.layer.depth <= last_depth:
                     continue
                 layer = pm.layer
-                entry = parent_listings[idx - 1].get(cur_name)
+                if parent_listings is not None:
+                    entry = parent_listings[idx - 1].get(cur_name)
+                else:
+                    entry = lstat_entry(os.path.join(pm.entry.path, cur_name))
                 relpath = join(pm.relpath, cur_name)
                 stop_here = False
+                bad = None
             else:
                 cands = [lay for lay in self.layers if lay.depth > last_depth]
                 if not cands:
                     break
                 layer = cands[0]
-                entry, stop_here = self.lookup_path(layer, abs_comps)
                 relpath = "/".join(abs_comps)
+                entry, stop_here, abs_comps, bad = self.lookup_path(layer, abs_comps)
+                if bad is not None:
+                    # An invalid redirect on the way fails the whole lookup (EINVAL).
+                    chain.redirects.append(bad)
+                    chain.stop = "invalid"
+                    break
             last_depth = layer.depth
             if entry is None:
                 if stop_here:
@@ -233,9 +277,6 @@ class Walker:
                 if not chain.members:
                     chain.whiteout = member
                 chain.stop = "whiteout"
-                break
-            if stop_here:
-                chain.stop = "nondir"
                 break
             if not entry.is_dir:
                 if not chain.members:
@@ -250,7 +291,7 @@ class Walker:
             if pending:
                 pending.target = member
                 pending = None
-            if via_redirect and owner is not None:
+            if register and via_redirect and owner is not None:
                 self.claims.setdefault(member.key, []).append((owner, join(merged_path, name)))
             if self.is_lowermost(layer):
                 break
@@ -259,6 +300,9 @@ class Walker:
                 chain.stop = "opaque"
                 break
             value = xattrs.get("redirect")
+            if value is None and stop_here:
+                chain.stop = "opaque"
+                break
             if value is None:
                 continue
             problem, detail = validate_redirect(value)
@@ -271,8 +315,9 @@ class Walker:
             text = os.fsdecode(value)
             if event.absolute:
                 new_comps = text[1:].split("/")
-                if abs_comps is None and member is chain.members[0] and straight:
-                    event.self_redirect = new_comps == join(merged_path, name).split("/")
+                # `/X` on the directory X itself (left by a move away and back): the
+                # redirect names the path a plain lookup would take anyway.
+                event.self_redirect = straight and not via_redirect and new_comps == relpath.split("/")
                 abs_comps = new_comps
             elif abs_comps is not None:
                 event.self_redirect = abs_comps[-1] == text
@@ -283,42 +328,35 @@ class Walker:
             via_redirect = True
             pending = event
             owner = member
+            if stop_here and not event.absolute:
+                # An opaque ancestor in this layer stopped the lookup; only an absolute
+                # redirect would have resumed it.
+                chain.stop = "opaque"
+                pending = None
+                break
         if pending and pending.problem is None:
             pending.problem = "dangling"
             pending.detail = f"no directory {os.fsdecode(pending.value)!r} in the layers beneath"
         return chain
 
-    def reaches(self, comps: list[str], from_layer: Layer, target: Member) -> tuple[bool, Optional[Entry]]:
-        """Does a lookup of path `comps`, starting in `from_layer`, reach `target`?
-
-        Returns (reached, the entry at that path in from_layer itself or None).
-        Used to find a renamed directory's old location that is still merged.
-        """
-        own, stop = self.lookup_path(from_layer, comps)
-        if stop:
-            return False, own
-        if own is not None:
-            if not own.is_dir:
-                return False, own
-            x = own.xattrs(self.xa)
-            if x.get("opaque") == b"y" or "redirect" in x:
-                return False, own
-        for layer in self.below(from_layer):
-            if layer.depth > target.layer.depth:
-                break
-            entry, stop = self.lookup_path(layer, comps)
-            if layer == target.layer:
-                return entry is not None and not stop and entry.path == target.entry.path, own
-            if stop or entry is None:
-                if stop:
-                    return False, own
-                continue
-            if not entry.is_dir:
-                return False, own
-            x = entry.xattrs(self.xa)
-            if not self.is_lowermost(layer) and (x.get("opaque") == b"y" or "redirect" in x):
-                return False, own
-        return False, own
+    def lookup_merged(self, comps: list[str], top: Optional[Layer] = None) -> Chain:
+        """Look up a whole path in the merged view (of the sub-stack from `top` down),
+        component by component, with the kernel's rules (redirects of every directory on
+        the way included). Point lookups only; nothing is registered as a claim."""
+        members = [m for m in self.root_members() if top is None or m.layer.depth >= top.depth]
+        path = ""
+        straight = True
+        chain = Chain("")
+        for i, comp in enumerate(comps):
+            chain = self.resolve(comp, members, None, path, straight, register=False)
+            if i == len(comps) - 1:
+                return chain
+            if not chain.is_dir:
+                return Chain(comps[-1])
+            members = chain.members
+            straight = straight and chain.straight
+            path = join(path, comp)
+        return chain
 
     # ------------------------------------------------------------------ the walk
 
@@ -341,24 +379,9 @@ class Walker:
                 if m.key in self.claims or m.key in self.visited_hidden:
                     continue
                 self.visited_hidden.add(m.key)
-                members = [m]
-                if not self.is_lowermost(m.layer):
-                    x = m.entry.xattrs(self.xa)
-                    if x.get("opaque") != b"y":
-                        comps = m.relpath.split("/")
-                        for layer in self.below(m.layer):
-                            entry, stop = self.lookup_path(layer, comps)
-                            if stop or entry is None:
-                                if stop:
-                                    break
-                                continue
-                            if not entry.is_dir or entry.is_whiteout(self.xa):
-                                break
-                            members.append(Member(layer, m.relpath, entry))
-                            if self.is_lowermost(layer):
-                                break
-                            if entry.xattrs(self.xa).get("opaque") == b"y":
-                                break
+                # Its chain in the sub-stack that starts at its own layer.
+                chain = self.lookup_merged(m.relpath.split("/"), m.layer)
+                members = chain.members if chain.members and chain.members[0].key == m.key else [m]
                 yield from self._walk([(m.relpath, members, True, True)])
 
     def _walk(self, pending: list[tuple[str, list[Member], bool, bool]]) -> Iterator[DirVisit]:

@@ -99,11 +99,17 @@ def _check_cover(ctx: CheckContext, visit: DirVisit, name: str, ev: RedirectEven
         reached = old is not None and any(m.key == target.key for m in old.members)
         own = visit.listings[visit.member_index(member.layer)].get(os.fsdecode(ev.value))
     else:
-        reached, own = ctx.walker.reaches(_cover_comps(member, ev), member.layer, target)
+        # Where the directory was renamed from, looked up the way the kernel would.
+        comps = _cover_comps(member, ev)
+        old = ctx.walker.lookup_merged(comps, member.layer)
+        reached = any(m.key == target.key for m in old.members)
+        own = old.members[0].entry if old.members and old.members[0].layer == member.layer else None
     if not reached:
         return
     comps = _cover_comps(member, ev)
     cover = "/".join(comps)
+    if cover == member.relpath:
+        return  # the old location is the directory itself
     if own is None:
         ops = tuple(_missing_parents(ctx, member, comps)) + (MakeWhiteout(member.layer, cover),)
         ctx.fix(Finding(
