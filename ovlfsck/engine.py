@@ -51,6 +51,7 @@ class Finding:
     ops: tuple = ()
     action: Optional[str] = None  # what the fix does, for the report
     preen_ok: Optional[bool] = None  # overrides the catalog (e.g. an ambiguous duplicate)
+    compat: Optional[tuple[str, str]] = None  # fsck.overlay wording when it differs per fix
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -176,6 +177,7 @@ class CheckContext:
         self.listener = listener
         self.result = result
         self.seen: set[tuple[str, str, str]] = set()
+        self.changed: set[tuple[str, str]] = set()  # (layer name, relpath) written this run
         self.walker = None  # set by run()
 
     # ------------------------------------------------------------------ helpers
@@ -200,6 +202,12 @@ class CheckContext:
             return handles.encode_for(path, uuid)
         except OSError:
             return None
+
+    def xattrs_of(self, layer: Layer, relpath: str, entry) -> dict[str, bytes]:
+        """An entry's overlay xattrs, re-read if a fix of this run touched it."""
+        if (layer.name, relpath) in self.changed:
+            return self.xa.read_all(entry.path)
+        return entry.xattrs(self.xa)
 
     def operational(self, message: str) -> None:
         self.result.errors.append(message)
@@ -253,6 +261,7 @@ class CheckContext:
             note = self._apply(finding)
             self._emit(Outcome(finding, Severity.INFO, note is None, "yes", note))
             return note is None
+        self._emit(Outcome(finding, Severity.INFO, False, "no"))
         return False
 
     def _decide(self, finding: Finding, can_preen: bool) -> bool:
@@ -274,6 +283,7 @@ class CheckContext:
             self.journal = self._journal_factory()
         try:
             for op in finding.ops:
+                self.changed.add((op.layer.name, op.relpath))
                 self.journal.apply(op)
         except (OSError, ValueError, OperationalError) as exc:
             msg = f"{finding.layer.name if finding.layer else ''}:{finding.path}: fix failed: {exc}"

@@ -47,16 +47,20 @@ class CompatReporter:
         self.out = out
         self.verbose = verbose
         self.changed = False
+        self.asked: set = set()
 
     def _desc(self, finding):
         p = finding.problem
+        if finding.compat:
+            return finding.compat
         if p.compat:
             return p.compat
         return (p.title[0].upper() + p.title[1:], p.prompt or "Fix")
 
     def before_question(self, finding) -> None:
         desc, question = self._desc(finding)
-        self.out.write(f'{desc}: "{display(finding.path)}" in {layer_label(finding.layer)} ')
+        self.asked.add(finding.key)
+        self.out.write(f'{desc}: "{_path(finding.path)}" in {layer_label(finding.layer)} ')
         self.out.flush()
 
     def on_outcome(self, outcome) -> None:
@@ -65,20 +69,25 @@ class CompatReporter:
         f = outcome.finding
         if outcome.fixed:
             self.changed = True
-        if outcome.severity is not Severity.ERROR and not (self.verbose or outcome.fixed):
+        if f.key in self.asked:
+            return  # the question and its answer are already on the screen
+        if outcome.severity is not Severity.ERROR and outcome.answer is None and not self.verbose:
             return
         desc, question = self._desc(f)
+        where = f'{desc}: "{_path(f.path)}" in {layer_label(f.layer)}'
         if outcome.answer is None:
-            self.out.write(f'{desc}: "{display(f.path)}" in {layer_label(f.layer)}\n')
+            self.out.write(where + "\n")
         else:
             ans = "y" if outcome.answer == "yes" else "n"
-            if question:
-                self.out.write(f'{desc}: "{display(f.path)}" in {layer_label(f.layer)} {question}? {ans}\n')
-            else:
-                self.out.write(f'{desc}: "{display(f.path)}" in {layer_label(f.layer)} ? {ans}\n')
+            self.out.write(f"{where} {question}? {ans}\n" if question else f"{where} ? {ans}\n")
         if self.verbose and f.detail:
             self.out.write(f"  ({display(f.detail)}) [{f.problem.code} {f.problem.name}]\n")
         self.out.flush()
+
+
+def _path(path: str) -> str:
+    """Layer-relative path as fsck.overlay prints it (the root is '.')."""
+    return display(path) if path else "."
 
 
 def parse_argv(argv: List[str]):
@@ -198,9 +207,10 @@ class _CompatAsker:
         self.out = out
 
     def ask(self, finding, default: bool) -> bool:
-        question = (finding.problem.compat or ("", finding.problem.prompt or "Fix"))[1] or "Fix"
+        compat = finding.compat or finding.problem.compat
+        question = compat[1] if compat else (finding.problem.prompt or "Fix")
         while True:
-            self.out.write(f"{question} ? [{'y' if default else 'n'}]: \n")
+            self.out.write(f"{question + ' ' if question else ''}? [{'y' if default else 'n'}]: \n")
             self.out.flush()
             line = sys.stdin.readline()
             ans = line.strip().lower()

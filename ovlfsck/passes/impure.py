@@ -5,7 +5,7 @@ from __future__ import annotations
 from ovlfsck.engine import CheckContext, Finding
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import SetXattr
-from ovlfsck.walk import DirVisit
+from ovlfsck.walk import DirVisit, join, validate_redirect
 
 
 def check(ctx: CheckContext, visit: DirVisit) -> None:
@@ -13,17 +13,17 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
         return
     top = visit.members[0]
     xa = ctx.xa
-    if top.entry.xattrs(xa).get("impure") == b"y":
+    if ctx.xattrs_of(top.layer, top.relpath, top.entry).get("impure") == b"y":
         return
     reasons: list[str] = []
     for name, entry in visit.listings[0].items():
         if entry.is_chr_whiteout():
             continue
-        x = entry.xattrs(xa)
+        x = ctx.xattrs_of(top.layer, join(top.relpath, name), entry)
         if "origin" in x:
             reasons.append(f"{name!r} has an origin")
         elif entry.is_dir:
-            if "redirect" in x:
+            if "redirect" in x and validate_redirect(x["redirect"])[0] is None:
                 reasons.append(f"{name!r} is a redirected directory")
             else:
                 chain = visit.chains.get(name)

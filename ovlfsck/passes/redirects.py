@@ -167,6 +167,7 @@ def _resolve_still_merged(ctx, member: Member, target: Member, cover: str, own: 
             BY_CODE["OVL308"], member.layer, cover, detail + "; the origin handle says the rename is real",
             ops=(SetXattr(member.layer, cover, ctx.xname("opaque"), b"y"),),
             action=f"make {cover!r} opaque so it stops merging the renamed directory",
+            compat=("Should set opaque dir", ""),
         ))
     elif p_match and not r_match:
         ctx.fix(Finding(
