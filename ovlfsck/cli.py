@@ -176,12 +176,29 @@ def undo(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be reverted; change nothing."),
 ) -> int:
     """Revert the changes of one earlier run, newest first."""
+    from ovlfsck.preflight import run_preflight
     from ovlfsck.repair import undo as undo_journal
+    from ovlfsck.stack import stack_from_description
 
     if not os.path.isfile(journal):
         raise OvlfsckError(f"{journal}: no such journal file")
-    for line in undo_journal(journal, None, dry_run=dry_run):
+    try:
+        with open(journal, "rb") as fh:
+            header = json.loads(fh.readline())
+        desc = header["stack"]["describe"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OvlfsckError(f"{journal}: not an ovlfsck journal") from None
+    stack = stack_from_description(desc)
+    # The same refusals as a repair: layers missing, or in use by a mounted overlay.
+    run_preflight(stack, want_write=not dry_run)
+    report = undo_journal(journal, stack, dry_run=dry_run)
+    for line in report:
         print(line)
+    refused = list(getattr(report, "refused", []))
+    if refused:
+        print(f"ovlfsck: {len(refused)} step(s) could not be reverted (see above); "
+              "the journal is kept so undo can retry them", file=sys.stderr)
+        return ExitCode.OPERATIONAL
     return ExitCode.OK
 
 

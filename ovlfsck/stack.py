@@ -300,3 +300,18 @@ def build_stack(
         features=feats,
         ignored_options=tuple(parsed.ignored),
     )
+
+
+def stack_from_description(desc: dict) -> Stack:
+    """The Stack a journal or report describes (`Stack.describe()`)."""
+    lowers = list(desc.get("lowers") or [])
+    upper = desc.get("upper")
+    depth0 = 1 if upper else 0
+    return Stack(
+        lowers=tuple(Layer(Role.LOWER, i, p, depth0 + i) for i, p in enumerate(lowers)),
+        datas=tuple(
+            Layer(Role.DATA, i, p, depth0 + len(lowers) + i) for i, p in enumerate(desc.get("datas") or [])
+        ),
+        upper=Layer(Role.UPPER, 0, upper, 0) if upper else None,
+        work=Layer(Role.WORK, 0, desc["work"], -1) if desc.get("work") else None,
+    )
