@@ -112,12 +112,18 @@ def run_check(
     from ovlfsck.preflight import run_preflight
     from ovlfsck.stack import build_stack
 
-    stack = build_stack(options, lowers, upper, work)
-    if mode is Mode.ASK and asker is None and not sys.stdin.isatty():
-        raise OvlfsckError(
-            "no terminal to ask questions on: use -n (check only), -p (fix what is safe) or -y (fix everything)"
-        )
-    pre = run_preflight(stack, want_write=mode is not Mode.NO)
+    stack = None
+    try:
+        stack = build_stack(options, lowers, upper, work)
+        if mode is Mode.ASK and asker is None and not sys.stdin.isatty():
+            raise OvlfsckError(
+                "no terminal to ask questions on: use -n (check only), -p (fix what is safe) or -y (fix everything)"
+            )
+        pre = run_preflight(stack, want_write=mode is not Mode.NO)
+    except OvlfsckError as exc:
+        if as_json:  # cli.md: --json always gives one JSON document on stdout
+            report.dump_json(report.json_document(stack, "trusted", mode.value, None, exc.exit_code, error=str(exc)))
+        raise
     notes = list(pre.notes)
     if pre.namespace_note:
         notes.append(pre.namespace_note)
@@ -135,10 +141,16 @@ def run_check(
     if not as_json and not quiet:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-    result = engine.run(stack, policy, pre, asker=asker, listener=listener)
+    try:
+        result = engine.run(stack, policy, pre, asker=asker, listener=listener)
+    except OvlfsckError as exc:
+        if as_json:
+            report.dump_json(report.json_document(stack, pre.namespace, mode.value, None, exc.exit_code,
+                                                  error=str(exc), notes=notes))
+        raise
     code = result.exit_code
     if as_json:
-        report.dump_json(report.json_document(stack, pre.namespace, mode.value, result, code))
+        report.dump_json(report.json_document(stack, pre.namespace, mode.value, result, code, notes=notes))
     elif isinstance(listener, report.TextReporter):
         listener.summary(result, [])
     elif listener is not None and hasattr(listener, "summary"):

@@ -178,7 +178,9 @@ class CheckContext:
         self.result = result
         self.seen: set[tuple[str, str, str]] = set()
         self.changed: set[tuple[str, str]] = set()  # (layer name, relpath) written this run
+        self.changed_round: set[tuple[str, str]] = set()  # ... in the current round
         self.walker = None  # set by run()
+        self.last_round = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -230,6 +232,16 @@ class CheckContext:
         severity = self.policy.severity_of(finding.problem)
         if severity is Severity.IGNORE or finding.key in self.seen:
             return False
+        if self._touched_this_round(finding):
+            # An earlier fix of this round changed this object: what the pass saw is
+            # stale. The next round (there is one, since something was fixed) re-checks it;
+            # in the last round it is reported as left, never dropped.
+            if not self.last_round:
+                return False
+            self.seen.add(finding.key)
+            self._emit(Outcome(finding, severity, False, None,
+                               "changed by another fix of this run: run the check again"))
+            return False
         self.seen.add(finding.key)
         if severity is not Severity.ERROR:
             self._emit(Outcome(finding, severity, False, None))
@@ -251,6 +263,12 @@ class CheckContext:
         note = self._apply(finding)
         self._emit(Outcome(finding, severity, note is None, "yes", note))
         return note is None
+
+    def _touched_this_round(self, finding: Finding) -> bool:
+        keys = {(op.layer.name, op.relpath) for op in finding.ops}
+        if finding.layer is not None:
+            keys.add((finding.layer.name, finding.path))
+        return bool(keys & self.changed_round)
 
     def choose(self, finding: Finding) -> bool:
         """A follow-up choice after a fix (not a problem: never counted when declined)."""
@@ -284,6 +302,7 @@ class CheckContext:
         try:
             for op in finding.ops:
                 self.changed.add((op.layer.name, op.relpath))
+                self.changed_round.add((op.layer.name, op.relpath))
                 self.journal.apply(op)
         except (OSError, ValueError, OperationalError) as exc:
             msg = f"{finding.layer.name if finding.layer else ''}:{finding.path}: fix failed: {exc}"
@@ -347,6 +366,8 @@ def run(
 
         walker = Walker(stack, ctx.xa, on_error)
         ctx.walker = walker
+        ctx.changed_round = set()
+        ctx.last_round = round_no == max_rounds - 1
         for visit in walker.visits():
             for p in PASSES:
                 p.check(ctx, visit)
@@ -356,8 +377,6 @@ def run(
                 fin(ctx)
         for p in WORKDIR_PASSES:
             p.check(ctx)
-        if ctx.journal is not None and hasattr(ctx.journal, "close") and round_no == max_rounds - 1:
-            pass
         if sum(1 for o in result.outcomes if o.fixed) == fixed_before:
             break
     if ctx.journal is not None:

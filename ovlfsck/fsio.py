@@ -131,15 +131,21 @@ class Entry:
         """A 0/0 character device of any mode (IS_WHITEOUT in the kernel)."""
         if self.get_kind() is not Kind.CHR:
             return False
-        return self.lstat().st_rdev == 0
+        try:
+            return self.lstat().st_rdev == 0
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     def is_xwhiteout(self, xa: Xattrs) -> bool:
         """A zero-size regular file carrying the `whiteout` xattr (kernel >= 6.7)."""
         if self.get_kind() is not Kind.REG:
             return False
-        if self.lstat().st_size != 0:
+        if "whiteout" not in self.xattrs(xa):
             return False
-        return "whiteout" in self.xattrs(xa)
+        try:
+            return self.lstat().st_size == 0
+        except (FileNotFoundError, NotADirectoryError):
+            return False  # vanished since readdir: nothing to check
 
     def is_whiteout(self, xa: Xattrs) -> bool:
         return self.is_chr_whiteout() or self.is_xwhiteout(xa)
@@ -167,6 +173,11 @@ def lstat_entry(path: str) -> Optional[Entry]:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return Entry(os.path.basename(path), path, kind_of_mode(st.st_mode), st)
+
+
+def quoted(name: str) -> str:
+    """A name for messages: quoted and escaped like paths are."""
+    return "'" + display(name) + "'"
 
 
 def display(path: str) -> str:

@@ -134,7 +134,8 @@ CATALOG: tuple[Problem, ...] = (
         "redirect that would leave the layer",
         "Remove redirect", True,
         "A `..` or `.` component, a NUL byte or a value longer than redirect_max (256) is "
-        "never followed by the kernel; the lookup fails.",
+        "never followed: on 6.18 a value like `/x/../y` makes the directory silently stop "
+        "merging.",
         "ovlfsck never follows or acts on such a path (the old fsck.overlay created files "
         "outside the layer, D3). The fix removes the redirect.",
         ("Invalid redirect directory", "Remove redirect"),

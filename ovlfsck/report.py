@@ -102,7 +102,7 @@ def problem_json(outcome: Outcome) -> dict:
 
 
 def json_document(stack: Stack, namespace: str, mode: str, result: Optional[RunResult], exit_code: int,
-                  error: Optional[str] = None) -> dict:
+                  error: Optional[str] = None, notes: Optional[list[str]] = None) -> dict:
     doc = {
         "schema": SCHEMA,
         "stack": {
@@ -121,6 +121,7 @@ def json_document(stack: Stack, namespace: str, mode: str, result: Optional[RunR
         },
         "journal": result.journal if result else None,
         "exit_code": exit_code,
+        "notes": list(notes or []),
     }
     if error:
         doc["error"] = error

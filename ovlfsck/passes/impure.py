@@ -3,6 +3,7 @@ directory or a merged directory (copy_up.c, dir.c, namei.c:ovl_fix_origin)."""
 from __future__ import annotations
 
 from ovlfsck.engine import CheckContext, Finding
+from ovlfsck.fsio import quoted
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import SetXattr
 from ovlfsck.walk import DirVisit, join, validate_redirect
@@ -21,14 +22,14 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
             continue
         x = ctx.xattrs_of(top.layer, join(top.relpath, name), entry)
         if "origin" in x:
-            reasons.append(f"{name!r} has an origin")
+            reasons.append(f"{quoted(name)} has an origin")
         elif entry.is_dir:
             if "redirect" in x and validate_redirect(x["redirect"])[0] is None:
-                reasons.append(f"{name!r} is a redirected directory")
+                reasons.append(f"{quoted(name)} is a redirected directory")
             else:
                 chain = visit.chains.get(name)
                 if chain is not None and chain.is_merged and chain.members[0].entry is entry:
-                    reasons.append(f"{name!r} is a merged directory")
+                    reasons.append(f"{quoted(name)} is a merged directory")
         if len(reasons) >= 3:
             break
     if reasons:

@@ -11,6 +11,7 @@ from typing import Optional
 
 from ovlfsck import handles
 from ovlfsck.engine import CheckContext, Finding
+from ovlfsck.fsio import quoted
 from ovlfsck.fsio import Entry
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import MakeDir, MakeWhiteout, RemoveXattr, SetXattr
@@ -114,9 +115,9 @@ def _check_cover(ctx: CheckContext, visit: DirVisit, name: str, ev: RedirectEven
         ops = tuple(_missing_parents(ctx, member, comps)) + (MakeWhiteout(member.layer, cover),)
         ctx.fix(Finding(
             BY_CODE["OVL306"], member.layer, cover,
-            f"{member.relpath!r} was renamed from here (redirect {_shown(ev.value)}), "
+            f"{quoted(member.relpath)} was renamed from here (redirect {_shown(ev.value)}), "
             f"but {target.layer.name}:{target.relpath} is still visible here too",
-            ops=ops, action=f"create a whiteout at {cover!r}",
+            ops=ops, action=f"create a whiteout at {quoted(cover)}",
         ))
         return
     _resolve_still_merged(ctx, member, target, cover, own, ev)
@@ -158,29 +159,29 @@ def _resolve_still_merged(ctx, member: Member, target: Member, cover: str, own: 
     r_match = _origin_matches(ctx, member.entry, target)
     p_match = _origin_matches(ctx, own, target)
     detail = (
-        f"{member.relpath!r} redirects to {target.layer.name}:{target.relpath} "
-        f"(redirect {_shown(ev.value)}), which {cover!r} still merges"
+        f"{quoted(member.relpath)} redirects to {target.layer.name}:{target.relpath} "
+        f"(redirect {_shown(ev.value)}), which {quoted(cover)} still merges"
     )
     remove = RemoveXattr(member.layer, member.relpath, ctx.xname("redirect"))
     if r_match and not p_match:
         ctx.fix(Finding(
             BY_CODE["OVL308"], member.layer, cover, detail + "; the origin handle says the rename is real",
             ops=(SetXattr(member.layer, cover, ctx.xname("opaque"), b"y"),),
-            action=f"make {cover!r} opaque so it stops merging the renamed directory",
+            action=f"make {quoted(cover)} opaque so it stops merging the renamed directory",
             compat=("Should set opaque dir", ""),
         ))
     elif p_match and not r_match:
         ctx.fix(Finding(
             BY_CODE["OVL308"], member.layer, member.relpath,
-            detail + f"; the origin handle of {cover!r} matches, the redirect's does not",
-            ops=(remove,), action=f"remove the redirect from {member.relpath!r}",
+            detail + f"; the origin handle of {quoted(cover)} matches, the redirect's does not",
+            ops=(remove,), action=f"remove the redirect from {quoted(member.relpath)}",
         ))
     else:
         ctx.fix(Finding(
             BY_CODE["OVL308"], member.layer, member.relpath,
             detail + "; the origin handles do not tell which is right",
             ops=(remove,), preen_ok=False,
-            action=f"remove the redirect from {member.relpath!r} (no evidence either way)",
+            action=f"remove the redirect from {quoted(member.relpath)} (no evidence either way)",
         ))
 
 
@@ -197,13 +198,13 @@ def finish(ctx: CheckContext) -> None:
         target = Member(target_layer, key[1], Entry(os.path.basename(target_path), target_path, None))
         matches = [(_origin_matches(ctx, o.entry, target), o, p) for o, p in owners]
         good = [t for t in matches if t[0]]
-        names = ", ".join(repr(p) for _, p in owners)
+        names = ", ".join(quoted(p) for _, p in owners)
         both = "both" if len(owners) == 2 else "all"
         base = f"{names} {both} redirect to {key[0]}:{key[1]}"
         if len(good) == 1:
             keeper = good[0][1]
             losers = [(o, p) for m, o, p in matches if o is not keeper]
-            why = f"; the origin handle of {good[0][2]!r} matches it"
+            why = f"; the origin handle of {quoted(good[0][2])} matches it"
             preen = True
         else:
             keeper = owners[0][0]
@@ -215,5 +216,5 @@ def finish(ctx: CheckContext) -> None:
                 BY_CODE["OVL307"], owner.layer, owner.relpath, base + why,
                 ops=(RemoveXattr(owner.layer, owner.relpath, ctx.xname("redirect")),),
                 preen_ok=preen,
-                action=f"remove the redirect from {owner.relpath!r}, keep {keeper.relpath!r}",
+                action=f"remove the redirect from {quoted(owner.relpath)}, keep {quoted(keeper.relpath)}",
             ))
