@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-from ovlfsck.fsio import Entry, Kind, Xattrs, lstat_entry, scan
+from ovlfsck.fsio import Entry, Xattrs, lstat_entry, quoted, scan
 from ovlfsck.stack import Layer, Stack
 
 # The kernel's default redirect_max module parameter.
@@ -336,7 +336,7 @@ class Walker:
                 break
         if pending and pending.problem is None:
             pending.problem = "dangling"
-            pending.detail = f"no directory {os.fsdecode(pending.value)!r} in the layers beneath"
+            pending.detail = f"no directory {quoted(os.fsdecode(pending.value))} in the layers beneath"
         return chain
 
     def lookup_merged(self, comps: list[str], top: Optional[Layer] = None) -> Chain:
