@@ -152,7 +152,7 @@ def run_check(
     if as_json:
         report.dump_json(report.json_document(stack, pre.namespace, mode.value, result, code, notes=notes))
     elif isinstance(listener, report.TextReporter):
-        listener.summary(result, [])
+        listener.summary(result, [], stack)
     elif listener is not None and hasattr(listener, "summary"):
         listener.summary(result)
     return code

@@ -128,6 +128,7 @@ class RunResult:
     outcomes: list[Outcome] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # operational errors met on the way
     journal: Optional[str] = None
+    features: object = None  # passes.features.FeatureReport of the last round
 
     @property
     def found(self) -> int:
@@ -181,6 +182,7 @@ class CheckContext:
         self.changed_round: set[tuple[str, str]] = set()  # ... in the current round
         self.walker = None  # set by run()
         self.last_round = False
+        self.features = None  # filled by passes.features
 
     # ------------------------------------------------------------------ helpers
 
@@ -342,7 +344,7 @@ def run(
     fix can change what a directory merges with; only findings new to the run are
     reported in later rounds.
     """
-    from ovlfsck.passes import PASSES, WORKDIR_PASSES
+    from ovlfsck.passes import PASSES
     from ovlfsck.walk import Walker
 
     result = RunResult()
@@ -368,17 +370,17 @@ def run(
         ctx.walker = walker
         ctx.changed_round = set()
         ctx.last_round = round_no == max_rounds - 1
+        ctx.features = None
+        per_visit = [p.check for p in PASSES if hasattr(p, "check")]
         for visit in walker.visits():
-            for p in PASSES:
-                p.check(ctx, visit)
+            for check in per_visit:
+                check(ctx, visit)
         for p in PASSES:
-            fin = getattr(p, "finish", None)
-            if fin:
-                fin(ctx)
-        for p in WORKDIR_PASSES:
-            p.check(ctx)
+            if hasattr(p, "finish"):
+                p.finish(ctx)
         if sum(1 for o in result.outcomes if o.fixed) == fixed_before:
             break
+    result.features = ctx.features
     if ctx.journal is not None:
         ctx.journal.close()
         result.journal = ctx.journal.path

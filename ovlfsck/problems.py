@@ -268,6 +268,18 @@ CATALOG: tuple[Problem, ...] = (
     ),
 )
 
+# Each issue-3 area keeps its rows next to nothing else, so areas can grow independently.
+from ovlfsck import problems_handles, problems_index, problems_metacopy, problems_workdir  # noqa: E402
+
+CATALOG = (
+    CATALOG
+    + problems_handles.ROWS
+    + problems_index.ROWS
+    + problems_workdir.ROWS
+    + problems_metacopy.ROWS
+)
+CATALOG = tuple(sorted(CATALOG, key=lambda p: p.code))
+
 BY_CODE: dict[str, Problem] = {p.code: p for p in CATALOG}
 BY_NAME: dict[str, Problem] = {p.name: p for p in CATALOG}
 

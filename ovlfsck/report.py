@@ -70,9 +70,11 @@ class TextReporter:
             self.out.write(text + "\n")
         self.out.flush()
 
-    def summary(self, result: RunResult, notes: list[str]) -> None:
+    def summary(self, result: RunResult, notes: list[str], stack: Optional[Stack] = None) -> None:
         for note in notes:
             self.out.write(f"note: {note}\n")
+        if result.features is not None and stack is not None and result.features.used:
+            self.features(result.features, stack)
         for err in result.errors:
             self.out.write(f"error: {display(err)}\n")
         if result.found == 0 and not result.errors:
@@ -84,6 +86,22 @@ class TextReporter:
         if result.journal:
             self.out.write(f"ovlfsck: changes journaled in {result.journal} (revert with: ovlfsck undo {result.journal})\n")
         self.out.flush()
+
+
+    def features(self, rep, stack: Stack) -> None:
+        from ovlfsck.passes.features import ORDER
+
+        used = ", ".join(f"{name} ({rep.used[name].count})" for name in ORDER if name in rep.used)
+        opts, notes = rep.mount_options(stack)
+        self.out.write(f"ovlfsck: the layers use: {used}\n")
+        if opts:
+            self.out.write(f"ovlfsck: mount them with: -o {','.join(opts)}\n")
+        for note in notes:
+            self.out.write(f"ovlfsck: warning: {note}\n")
+        if self.verbose:
+            for name in ORDER:
+                if name in rep.used:
+                    self.out.write(f"  {name}: first at {display(rep.used[name].example or '')}\n")
 
 
 def problem_json(outcome: Outcome) -> dict:
@@ -122,6 +140,7 @@ def json_document(stack: Stack, namespace: str, mode: str, result: Optional[RunR
         "journal": result.journal if result else None,
         "exit_code": exit_code,
         "notes": list(notes or []),
+        "features": result.features.as_json(stack) if result and result.features is not None else None,
     }
     if error:
         doc["error"] = error

@@ -9,7 +9,7 @@ from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import Quarantine
 
 
-def check(ctx: CheckContext) -> None:
+def finish(ctx: CheckContext) -> None:
     work = ctx.stack.work
     if work is None:
         return

@@ -1,0 +1,1 @@
+"""The workdir (issue 3 item 6; being written)."""

@@ -1,0 +1,1 @@
+"""Scenarios for the issue-3 handles codes (registered with @scenario())."""

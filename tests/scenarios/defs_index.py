@@ -1,0 +1,1 @@
+"""Scenarios for the issue-3 index codes (registered with @scenario())."""

@@ -1,0 +1,1 @@
+"""Scenarios for the issue-3 workdir codes (registered with @scenario())."""
