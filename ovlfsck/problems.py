@@ -11,7 +11,8 @@ from typing import Optional
 
 
 class Severity(enum.Enum):
-    """error: counted in the exit code and fixed by -y/-p; warning/info: reported only."""
+    """error: counted in the exit code and fixed by -y/-p; warning/info: reported only;
+    ignore: not reported (a default only for states the kernel itself produces)."""
 
     ERROR = "error"
     WARNING = "warning"
@@ -160,12 +161,13 @@ CATALOG: tuple[Problem, ...] = (
         ("Invalid redirect directory", "Remove redirect"),
     ),
     _P(
-        "OVL305", "redirect-to-self", Severity.INFO,
+        "OVL305", "redirect-to-self", Severity.IGNORE,
         "redirect to the directory's own path",
         "Remove redirect", True,
         "Harmless: the lookup finds the same lower directory with or without it. The kernel "
         "itself leaves one behind when a directory is renamed and then renamed back.",
-        "Reported for information. Removing it changes nothing the kernel shows.",
+        "Not reported by default, since the kernel writes it itself; `--severity "
+        "redirect-to-self=info` lists them. Removing one changes nothing the kernel shows.",
     ),
     _P(
         "OVL306", "redirect-missing-whiteout", Severity.ERROR,
@@ -216,11 +218,14 @@ CATALOG: tuple[Problem, ...] = (
         ("Invalid redirect directory", "Remove redirect"),
     ),
     _P(
-        "OVL310", "redirect-on-non-directory", Severity.WARNING,
+        "OVL310", "redirect-on-non-directory", Severity.IGNORE,
         "redirect xattr on a file that is not a metacopy file",
         "Remove redirect", True,
-        "Ignored: a redirect on a regular file is read only when the file is a metacopy file.",
-        "Reported for information; removing it changes nothing visible.",
+        "Ignored: a redirect on a regular file is read only when the file is a metacopy file. "
+        "The kernel itself leaves one behind: a metacopy file renamed with metacopy=on gets a "
+        "redirect, and a later data copy-up removes `metacopy` but keeps the redirect.",
+        "Not reported by default (kernel-made and harmless); `--severity "
+        "redirect-on-non-directory=warning` lists them. Removing one changes nothing visible.",
     ),
     _P(
         "OVL311", "opaque-after-redirect-removal", Severity.INFO,
@@ -299,7 +304,8 @@ def markdown() -> str:
         "",
         "Severity `error` is counted in the exit code and fixed by `-y` (and by `-p` when the",
         "fix is preen-safe); `warning` and `info` are reported only. Change a severity with",
-        "`--severity NAME=error|warning|info|ignore`.",
+        "`--severity NAME=error|warning|info|ignore`. A default of `ignore` marks a state the",
+        "kernel itself produces: checked, reported only when asked for.",
         "",
         "| code | name | severity | fix | -p |",
         "|---|---|---|---|---|",

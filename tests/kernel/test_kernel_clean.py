@@ -5,7 +5,7 @@ mounted with the configuration's options, a seeded random workload (``workload.r
 runs through the mount, the overlay is unmounted, and then
 
 1. ``python -m ovlfsck check -n --json -o lowerdir=...,upperdir=...,workdir=...,<options>`` must
-   exit 0, report ``exit_code`` 0 and no problem of severity ``error`` (the whole JSON report is
+   exit 0, report ``exit_code`` 0 and no finding of any severity (the whole JSON report is
    printed in the assertion message otherwise);
 2. ``check -n`` must not have modified any layer (full raw snapshot incl. xattrs and ctimes);
 3. the kernel must mount the layers again read-write, and the merged view must equal the one
@@ -65,6 +65,8 @@ CONFIGS = [
     Config("userxattr_index", "userxattr,index=on"),
     Config("xfs_index_redirect", "index=on,redirect_dir=on", fstype="xfs"),
     Config("tmpfs_lower_ext4_upper", "index=on,redirect_dir=on", lower_fs="tmpfs"),
+    Config("xino_tmpfs_lower", "xino=on,index=on,redirect_dir=on", lower_fs="tmpfs"),
+    Config("tmpfs_nfs_export", "index=on,nfs_export=on", fstype="tmpfs"),
 ]
 
 
@@ -111,11 +113,13 @@ def assert_checks_clean(lowers, upper, work, options: str, what: str) -> dict:
     before = {name: kutil.layer_snapshot(p) for name, p in layers.items()}
     args = kutil.stack_args(lowers, upper, work, options)
     rc, report = kutil.check_json(args)
-    errors = kutil.problems_with_severity(report, "error")
-    assert rc == 0 and not errors, (
+    # Zero findings of any severity: what the kernel itself writes is never a problem,
+    # not even a warning (issue 3).
+    findings = report["problems"]
+    assert rc == 0 and not findings, (
         f"ovlfsck reported problems on layers the kernel made ({what}).\n"
         f"command: ovlfsck check -n --json {' '.join(args)}\n"
-        f"exit code: {rc}; error-severity problems: {len(errors)}\n"
+        f"exit code: {rc}; findings: {len(findings)}\n"
         f"report:\n{kutil.format_report(report)}")
     assert report.get("exit_code") == rc, (
         f"JSON exit_code {report.get('exit_code')} != process exit code {rc}\n"
