@@ -10,7 +10,10 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import shutil
+import stat
 import struct
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -118,29 +121,194 @@ def name_to_handle(path: str) -> tuple[int, bytes]:
     return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])
 
 
+class HandleDecodeUnsupported(OSError):
+    """open_by_handle_at cannot tell (no CAP_DAC_READ_SEARCH, no handle support, ...)."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What a file handle decodes to on a filesystem: the object's lstat and, when the
+    kernel gives a connected name for it (always for directories), its host path."""
+
+    st: os.stat_result
+    path: Optional[str]
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.st.st_dev, self.st.st_ino)
+
+
+def open_by_handle_at(mount_fd: int, fid_type: int, fid: bytes, flags: int = os.O_PATH) -> int:
+    """open_by_handle_at(2): an fd for the object the fid names on the filesystem of
+    `mount_fd` (any fd on it). Needs CAP_DAC_READ_SEARCH. Raises OSError (ESTALE: the object
+    is gone or the generation does not match)."""
+    if len(fid) > MAX_HANDLE_SZ:
+        raise OSError(errno.EINVAL, "fid longer than MAX_HANDLE_SZ")
+    fh = _FileHandle()
+    fh.handle_bytes = len(fid)
+    fh.handle_type = fid_type
+    ctypes.memmove(fh.f_handle, fid, len(fid))
+    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+# Errors meaning "this fid names nothing on this filesystem" (the kernel's decode fails the
+# same way); anything else means open_by_handle_at cannot tell.
+_STALE_ERRNOS = (errno.ESTALE, errno.ENOENT, errno.EINVAL, errno.ELOOP)
+
+
+def decode_fid(layer_root: str, fid_type: int, fid: bytes) -> Optional[Decoded]:
+    """Decode a fid on the filesystem holding `layer_root`, as the kernel's
+    exportfs_decode_fh does for an origin: the object it names, or None if it names none
+    (ESTALE). Raises HandleDecodeUnsupported when it cannot be told (EPERM, EOPNOTSUPP)."""
+    try:
+        mfd = os.open(layer_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise HandleDecodeUnsupported(exc.errno, f"cannot open {layer_root}: {exc.strerror}") from None
+    try:
+        try:
+            fd = open_by_handle_at(mfd, fid_type, fid)
+        except OSError as exc:
+            if exc.errno in _STALE_ERRNOS:
+                return None
+            raise HandleDecodeUnsupported(exc.errno, f"open_by_handle_at: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            path: Optional[str] = None
+            try:
+                link = os.readlink(f"/proc/self/fd/{fd}")
+                if link.startswith("/"):
+                    lst = os.lstat(link)
+                    if (lst.st_dev, lst.st_ino) == (st.st_dev, st.st_ino):
+                        path = link
+            except OSError:
+                path = None
+            return Decoded(st, path)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(mfd)
+
+
+def decode_on(layer_root: str, fh: "OvlFh") -> Optional[Decoded]:
+    """decode_fid for an overlay handle (its uuid is not checked here)."""
+    return decode_fid(layer_root, fh.fid_type, fh.fid)
+
+
+# ----------------------------------------------------------------- filesystem uuids
+
 # FS_IOC_GETFSUUID = _IOR(0x15, 0, struct fsuuid2 { u8 len; u8 uuid[16]; })
 FS_IOC_GETFSUUID = 0x80111500
+BY_UUID_DIR = "/dev/disk/by-uuid"
 
 
-def fs_uuid(path: str) -> Optional[bytes]:
-    """The uuid of the filesystem holding `path` (s_uuid), or None if it cannot be had."""
+def _ioctl_uuid(path: str) -> tuple[Optional[bytes], bool]:
+    """(uuid, answered): FS_IOC_GETFSUUID (Linux 6.5+). answered=False when the ioctl is
+    unknown or the filesystem exports no uuid (ENOTTY), so a fallback may be tried."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
-    except OSError:
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            return None, True
+        try:  # not a directory: its parent is on the same filesystem
+            fd = os.open(os.path.dirname(os.path.abspath(path)) or "/",
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None, True
     try:
         buf = bytearray(17)
         try:
             fcntl.ioctl(fd, FS_IOC_GETFSUUID, buf, True)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
-                return None
-            return None
+        except OSError:
+            return None, False
         length = buf[0]
-        uuid = bytes(buf[1 : 1 + length])
-        return uuid.ljust(16, b"\0")[:16]
+        if not 0 < length <= 16:
+            return None, False
+        return bytes(buf[1 : 1 + length]).ljust(16, b"\0")[:16], True
     finally:
         os.close(fd)
+
+
+def parse_uuid(text: str) -> Optional[bytes]:
+    """16 bytes from a uuid string ('0c3664b7-ffbf-4081-82dd-84ed33ee52e0'), else None."""
+    digits = text.strip().replace("-", "")
+    if len(digits) != 32:
+        return None
+    try:
+        return bytes.fromhex(digits)
+    except ValueError:
+        return None
+
+
+def format_uuid(uuid: bytes) -> str:
+    h = uuid.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}" if len(uuid) == 16 else h
+
+
+def _block_device_of(st_dev: int) -> Optional[str]:
+    """The device node of a block-device-backed filesystem (from /sys/dev/block)."""
+    major, minor = os.major(st_dev), os.minor(st_dev)
+    try:
+        with open(f"/sys/dev/block/{major}:{minor}/uevent") as fh:
+            for line in fh:
+                if line.startswith("DEVNAME="):
+                    node = "/dev/" + line.split("=", 1)[1].strip()
+                    st = os.stat(node)
+                    if stat.S_ISBLK(st.st_mode) and st.st_rdev == st_dev:
+                        return node
+    except OSError:
+        return None
+    return None
+
+
+def fallback_uuid(path: str, by_uuid_dir: str = BY_UUID_DIR, blkid: Optional[str] = "blkid") -> Optional[bytes]:
+    """The filesystem uuid without FS_IOC_GETFSUUID: the /dev/disk/by-uuid symlink whose
+    device is the st_dev of `path`, else `blkid -p` on that device. None for filesystems
+    without a block device (tmpfs: its random uuid cannot be had this way)."""
+    try:
+        dev = os.stat(path).st_dev
+    except OSError:
+        return None
+    try:
+        names = sorted(os.listdir(by_uuid_dir))
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            st = os.stat(os.path.join(by_uuid_dir, name))
+        except OSError:
+            continue
+        if stat.S_ISBLK(st.st_mode) and st.st_rdev == dev:
+            uuid = parse_uuid(name)
+            if uuid is not None:
+                return uuid
+    if not blkid:
+        return None
+    node = _block_device_of(dev)
+    exe = shutil.which(blkid)
+    if node is None or exe is None:
+        return None
+    try:
+        p = subprocess.run([exe, "-p", "-o", "value", "-s", "UUID", node],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if p.returncode != 0:
+        return None
+    return parse_uuid(p.stdout)
+
+
+def fs_uuid(path: str) -> Optional[bytes]:
+    """The uuid of the filesystem holding `path` (the kernel's s_uuid, which overlay writes
+    into every handle), or None if it cannot be had. A filesystem without one (squashfs,
+    ext4 made with -U clear) gives the null uuid, as the kernel stores it."""
+    uuid, answered = _ioctl_uuid(path)
+    if uuid is not None or answered:
+        return uuid
+    return fallback_uuid(path)
 
 
 def encode_for(path: str, uuid: bytes, upper: bool = False) -> OvlFh:
