@@ -820,7 +820,10 @@ def test_arbitrary_overlay_xattr_values(capsys, assignments):
         outside = _outside_state(base)
         rc, out, err = cli(capsys, "check", "-y", "--repair-lowers", "--json", *args)
         doc = parse_json(out, rc)
-        assert rc in (0, 1), (rc, doc)
+        # -y fixes everything that has a fix; what is left must be a problem with no fix
+        # (e.g. a metacopy file in the lowermost layer has no data anywhere: OVL804).
+        left = [p for p in doc["problems"] if p["severity"] == "error" and not p["fixed"]]
+        assert rc in (0, 1) or (rc in (4, 5) and all(p["action"] is None for p in left)), (rc, doc)
         event(f"-y exit {rc}")
         assert _outside_state(base) == outside, "-y wrote outside the layers"
         if rc == 1:
