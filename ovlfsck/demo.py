@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 from ovlfsck.cli import app, invoke
 from ovlfsck.fixture import build

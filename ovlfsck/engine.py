@@ -6,10 +6,9 @@ Passes build Findings and call `ctx.fix(finding)`; only here is it decided, unde
 from __future__ import annotations
 
 import enum
-import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol
 
 from ovlfsck import handles
 from ovlfsck.errors import Cancelled, ExitCode, OperationalError
@@ -183,6 +182,7 @@ class CheckContext:
         self.walker = None  # set by run()
         self.last_round = False
         self.features = None  # filled by passes.features
+        self._round_state: dict[str, object] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -206,6 +206,13 @@ class CheckContext:
             return handles.encode_for(path, uuid)
         except OSError:
             return None
+
+    def round_state(self, name: str, factory: Callable[[], object]):
+        """A pass's state for the current round (created on first use, dropped when the
+        next round starts: a re-check after fixes must not see stale facts)."""
+        if name not in self._round_state:
+            self._round_state[name] = factory()
+        return self._round_state[name]
 
     def xattrs_of(self, layer: Layer, relpath: str, entry) -> dict[str, bytes]:
         """An entry's overlay xattrs, re-read if a fix of this run touched it."""
@@ -371,6 +378,7 @@ def run(
         ctx.changed_round = set()
         ctx.last_round = round_no == max_rounds - 1
         ctx.features = None
+        ctx._round_state = {}
         per_visit = [p.check for p in PASSES if hasattr(p, "check")]
         for visit in walker.visits():
             for check in per_visit:

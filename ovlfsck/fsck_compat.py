@@ -128,7 +128,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def run(argv: List[str]) -> int:
     from ovlfsck.cli import run_check
-    from ovlfsck.engine import Mode, TerminalAsker
+    from ovlfsck.engine import Mode
     from ovlfsck.stack import parse_mount_options
 
     out = sys.stdout

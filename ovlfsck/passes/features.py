@@ -107,9 +107,8 @@ class FeatureReport:
 
 
 def _report(ctx: CheckContext) -> FeatureReport:
-    rep = getattr(ctx, "features", None)
-    if rep is None:
-        rep = ctx.features = FeatureReport()
+    rep = ctx.round_state("features", FeatureReport)
+    ctx.features = rep  # the engine hands the last round's report to the reporters
     return rep
 
 

@@ -13,7 +13,6 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
     if not visit.members or not visit.members[0].layer.is_upper:
         return
     top = visit.members[0]
-    xa = ctx.xa
     if ctx.xattrs_of(top.layer, top.relpath, top.entry).get("impure") == b"y":
         return
     reasons: list[str] = []

@@ -29,7 +29,6 @@ import errno
 import os
 import re
 import stat
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -178,22 +177,13 @@ class _State:
         self.nfs = False
 
 
-_STATES: "weakref.WeakKeyDictionary[object, _State]" = weakref.WeakKeyDictionary()
-
-
 def _index_used(ctx: CheckContext) -> bool:
     return (ctx.stack.work is not None and ctx.stack.upper is not None
             and ctx.stack.features.index is not False)
 
 
 def _state(ctx: CheckContext) -> _State:
-    key = ctx.walker
-    st = _STATES.get(key) if key is not None else None
-    if st is None:
-        st = _build(ctx)
-        if key is not None:
-            _STATES[key] = st
-    return st
+    return ctx.round_state("index", lambda: _build(ctx))
 
 
 def _kind(s: os.stat_result) -> str:

@@ -76,12 +76,12 @@ class _State:
 
 
 def _state(ctx: CheckContext) -> _State:
-    st = getattr(ctx, "_origins_state", None)
-    if st is None or st.walker is not ctx.walker:
+    def build() -> _State:
         st = _State(ctx.walker)
         st.index_in_use, st.nfs_in_use = _index_features(ctx)
-        ctx._origins_state = st  # per round: a new walker means a new round
-    return st
+        return st
+
+    return ctx.round_state("origins", build)
 
 
 def _index_dir(ctx: CheckContext) -> Optional[str]:

@@ -15,7 +15,7 @@ from ovlfsck.fsio import quoted
 from ovlfsck.fsio import Entry
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import MakeDir, MakeWhiteout, RemoveXattr, SetXattr
-from ovlfsck.walk import Chain, DirVisit, Member, RedirectEvent, join, parent_of
+from ovlfsck.walk import Chain, DirVisit, Member, RedirectEvent, parent_of
 
 _PROBLEM_CODES = {
     "malformed": "OVL301",
