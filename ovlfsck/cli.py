@@ -142,7 +142,11 @@ def run_check(
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     try:
-        result = engine.run(stack, policy, pre, asker=asker, listener=listener)
+        # A progress bar only for a person watching: stderr a terminal, no --json, no -q,
+        # and no interactive questions interleaving with it.
+        show = sys.stderr.isatty() and not as_json and not quiet and mode is not Mode.ASK
+        result = engine.run(stack, policy, pre, asker=asker, listener=listener,
+                            progress=sys.stderr if show else None)
     except OvlfsckError as exc:
         if as_json:
             report.dump_json(report.json_document(stack, pre.namespace, mode.value, None, exc.exit_code,

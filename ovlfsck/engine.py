@@ -326,6 +326,17 @@ class CheckContext:
             self.listener.on_outcome(outcome)
 
 
+def _progress_bar(stream, round_no: int):
+    if stream is None:
+        return None
+    from tqdm import tqdm
+
+    desc = "checking" if round_no == 0 else f"re-checking ({round_no + 1})"
+    # delay: short runs show no bar at all; leave=False: the bar does not stay on screen.
+    return tqdm(total=1, desc=desc, unit="dir", file=stream, delay=1.0, leave=False,
+                dynamic_ncols=True, mininterval=0.25)
+
+
 def _layer_info(stack: Stack, preflight, mode: Mode) -> dict[str, LayerInfo]:
     info = {}
     for layer in stack.all_layers:
@@ -344,8 +355,12 @@ def run(
     listener: Optional[Listener] = None,
     journal_factory: Optional[Callable[[], object]] = None,
     max_rounds: int = 3,
+    progress=None,
 ) -> RunResult:
     """Check (and, per policy, repair) the stack.
+
+    `progress`, when given, is a writable stream for a tqdm bar (directories visited out of
+    those known so far; the total grows as the walk discovers more).
 
     When a round applied fixes, the stack is checked again (at most `max_rounds`), since a
     fix can change what a directory merges with; only findings new to the run are
@@ -380,9 +395,17 @@ def run(
         ctx.features = None
         ctx._round_state = {}
         per_visit = [p.check for p in PASSES if hasattr(p, "check")]
-        for visit in walker.visits():
-            for check in per_visit:
-                check(ctx, visit)
+        bar = _progress_bar(progress, round_no)
+        try:
+            for n, visit in enumerate(walker.visits(), 1):
+                for check in per_visit:
+                    check(ctx, visit)
+                if bar is not None:
+                    bar.total = n + walker.pending_dirs
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         for p in PASSES:
             if hasattr(p, "finish"):
                 p.finish(ctx)

@@ -143,6 +143,7 @@ class Walker:
         self.claims: dict[tuple[str, str], list[tuple[Member, str]]] = {}
         self.hidden_roots: list[Member] = []
         self.visited_hidden: set[tuple[str, str]] = set()
+        self.pending_dirs = 0  # merged directories known but not visited yet (for progress)
 
     # ------------------------------------------------------------------ listing
 
@@ -386,6 +387,7 @@ class Walker:
 
     def _walk(self, pending: list[tuple[str, list[Member], bool, bool]]) -> Iterator[DirVisit]:
         while pending:
+            self.pending_dirs = len(pending) - 1 + len(self.hidden_roots)
             path, members, straight, hidden = pending.pop()
             listings = [self.listing(m) for m in members]
             names: dict[str, None] = {}
