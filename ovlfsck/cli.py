@@ -27,7 +27,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-COMMANDS = ("check", "undo", "explain", "problems")
+COMMANDS = ("check", "record", "undo", "explain", "problems", "verify-copy")
 
 
 def contract(prog: str):
@@ -183,6 +183,44 @@ def check(
         options, lower, upper, work, _mode(no, yes, preen), repair_lowers, as_json, verbose, quiet,
         parse_severities(severity),
     )
+
+
+@app.command()
+@contract("ovlfsck")
+def record(
+    options: List[str] = typer.Option([], "-o", help="Mount options: lowerdir=A:B,upperdir=U,workdir=W (repeatable)."),
+    lower: List[str] = typer.Option([], "--lower", help="A lower layer, top-most first (repeatable)."),
+    upper: Optional[str] = typer.Option(None, "--upper", help="The upper layer."),
+    work: Optional[str] = typer.Option(None, "--work", help="The workdir."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> int:
+    """Before copying layers: store, in the workdir, the path of every object a stored
+    file handle refers to, so that a check of the copy can re-encode stale handles."""
+    from ovlfsck.preflight import run_preflight
+    from ovlfsck.record import record as do_record
+    from ovlfsck.stack import build_stack
+
+    stack = build_stack(options, lower, upper, work)
+    if stack.work is None:
+        raise UsageError("record needs the upper layer and its workdir (the record is kept in the workdir)")
+    pre = run_preflight(stack, want_write=True)
+    res = do_record(stack, pre)
+    if as_json:
+        print(json.dumps({
+            "schema": "ovlfsck-record-result/1", "record": res.path, "counts": res.counts,
+            "unresolved": [{"handle": e.handle.hex(), "why": e.unresolved} for e in res.unresolved],
+            "warnings": list(res.warnings),
+        }, indent=2))
+    else:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items()))
+        print(f"ovlfsck: recorded the targets of stored handles in {res.path} ({counts})")
+        for e in res.unresolved:
+            print(f"ovlfsck: warning: handle {e.handle.hex()[:24]}... not resolved: {e.unresolved}")
+        for w in res.warnings:
+            print(f"ovlfsck: warning: {w}")
+        print("ovlfsck: copy the layers with the record (it is inside the workdir); "
+              "see docs/migration.md")
+    return ExitCode.OK
 
 
 @app.command()
