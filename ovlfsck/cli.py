@@ -223,6 +223,40 @@ def record(
     return ExitCode.OK
 
 
+@app.command("verify-copy")
+@contract("ovlfsck")
+def verify_copy_cmd(
+    options: List[str] = typer.Option([], "-o", help="The ORIGINAL layers, as mount options (repeatable)."),
+    lower: List[str] = typer.Option([], "--lower", help="An original lower layer (repeatable)."),
+    upper: Optional[str] = typer.Option(None, "--upper", help="The original upper layer."),
+    work: Optional[str] = typer.Option(None, "--work", help="The original workdir."),
+    src_base: Optional[str] = typer.Option(None, "--from", help="The directory the layers were copied from..."),
+    dst_base: Optional[str] = typer.Option(None, "--to", help="...and the one they were copied to (same layout below it)."),
+    copy_options: List[str] = typer.Option([], "--copy-o", help="Or: the COPY's layers, as mount options."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> int:
+    """Compare a layer set with its copy for what overlay needs and copy tools lose."""
+    from ovlfsck.stack import build_stack
+    from ovlfsck.verify_copy import format_text, mirror_stack, verify_copy
+
+    original = build_stack(options, lower, upper, work)
+    if copy_options:
+        if src_base or dst_base:
+            raise UsageError("give either --from/--to or --copy-o, not both")
+        copy = build_stack(copy_options)
+    elif src_base and dst_base:
+        copy = mirror_stack(original, src_base, dst_base)
+    else:
+        raise UsageError("name the copy: --from BASE --to DEST, or --copy-o lowerdir=...,upperdir=...,workdir=...")
+    namespace = "user" if original.features.userxattr else "trusted"
+    result = verify_copy(original, copy, namespace)
+    if as_json:
+        print(json.dumps({"schema": "ovlfsck-verify-copy/1", **result.as_dict()}, indent=2))
+    else:
+        print(format_text(result))
+    return ExitCode.OK if result.ok else ExitCode.UNCORRECTED
+
+
 @app.command()
 @contract("ovlfsck")
 def undo(
