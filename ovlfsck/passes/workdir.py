@@ -173,24 +173,8 @@ def _check_work(ctx: CheckContext, work: Layer) -> None:
             continue
         if name == INCOMPAT and _check_incompat(ctx, work, rel, path):
             continue
-        blockers, err = _blockers(path)
-        if err and not blockers:
-            _unlistable(ctx, work, rel, err)
-            continue
-        if blockers:
-            detail = (f"{_shown(blockers)} {'is a' if len(blockers) == 1 else 'are'} non-empty "
-                      f"director{'y' if len(blockers) == 1 else 'ies'} two levels down "
-                      f"(cleanup of '{name}/{blockers[0]}' failed (-39)); it {_holds(path)}")
-            if err:
-                detail += f"; cannot read {err}"
-            ctx.fix(Finding(
-                BY_CODE["OVL701"], work, rel, detail,
-                ops=(Quarantine(work, rel),),
-                action="move it to the quarantine and keep it there: a copy-up cut short by a "
-                       "crash may hold the only copy of recently written data",
-            ))
-        else:
-            ctx.fix(Finding(BY_CODE["OVL702"], work, rel, f"a directory that {_holds(path)}"))
+        _check_tree(ctx, work, rel, path, name, "OVL701", "OVL702",
+                    f"cleanup of '{name}/{{blocker}}' failed (-39)")
 
 
 def _check_incompat(ctx: CheckContext, work: Layer, rel: str, path: str) -> bool:
@@ -284,22 +268,29 @@ def _check_index(ctx: CheckContext, work: Layer) -> None:
         if not stat.S_ISDIR(est.st_mode):
             ctx.fix(Finding(BY_CODE["OVL706"], work, rel, f"a {_kind(est)}"))
             continue
-        blockers, err = _blockers(path)
-        if err and not blockers:
-            _unlistable(ctx, work, rel, err)
-            continue
-        if blockers:
-            detail = (f"{_shown(blockers)} {'is a' if len(blockers) == 1 else 'are'} non-empty "
-                      f"director{'y' if len(blockers) == 1 else 'ies'} two levels down (every "
-                      f"mount with index=on logs cleanup of '{name}/{blockers[0]}' failed (-39)); "
-                      f"it {_holds(path)}")
-            if err:
-                detail += f"; cannot read {err}"
-            ctx.fix(Finding(
-                BY_CODE["OVL707"], work, rel, detail,
-                ops=(Quarantine(work, rel),),
-                action="move it to the quarantine and keep it there: a copy-up cut short by a "
-                       "crash may hold the only copy of recently written data",
-            ))
-        else:
-            ctx.fix(Finding(BY_CODE["OVL706"], work, rel, f"a directory that {_holds(path)}"))
+        _check_tree(ctx, work, rel, path, name, "OVL707", "OVL706",
+                    f"every mount with index=on logs cleanup of '{name}/{{blocker}}' failed (-39)")
+
+
+def _check_tree(ctx: CheckContext, work, rel: str, path: str, name: str,
+                blocked_code: str, cleanable_code: str, kernel_says: str) -> None:
+    """A directory the kernel's two-level cleanup meets: blocked (non-empty directories two
+    levels down: quarantine it, keeping any data) or cleanable (info: the kernel removes it)."""
+    blockers, err = _blockers(path)
+    if err and not blockers:
+        _unlistable(ctx, work, rel, err)
+        return
+    if not blockers:
+        ctx.fix(Finding(BY_CODE[cleanable_code], work, rel, f"a directory that {_holds(path)}"))
+        return
+    detail = (f"{_shown(blockers)} {'is a' if len(blockers) == 1 else 'are'} non-empty "
+              f"director{'y' if len(blockers) == 1 else 'ies'} two levels down "
+              f"({kernel_says.replace('{blocker}', blockers[0])}); it {_holds(path)}")
+    if err:
+        detail += f"; cannot read {err}"
+    ctx.fix(Finding(
+        BY_CODE[blocked_code], work, rel, detail,
+        ops=(Quarantine(work, rel),),
+        action="move it to the quarantine and keep it there: a copy-up cut short by a "
+               "crash may hold the only copy of recently written data",
+    ))
