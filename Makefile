@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv test demo clean docs
+.PHONY: all venv test demo clean docs bench
 
 all: test
 
@@ -32,6 +32,11 @@ demo: $(STAMP)
 # Regenerates docs/problems.md from the problem catalog.
 docs: $(STAMP)
 	$(PY) -m ovlfsck problems --markdown > docs/problems.md
+
+# Generates ~200,000-entry layer sets on a loop ext4 and times `check -n` against a
+# one-pass Python floor (warm, cold, peak RSS, syscalls/entry). Needs root. See docs/performance.md.
+bench: $(STAMP)
+	$(PY) tests/bench/run.py --entries 200000 --json bench-result.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo .pytest_cache
