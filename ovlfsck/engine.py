@@ -326,15 +326,15 @@ class CheckContext:
             self.listener.on_outcome(outcome)
 
 
-def _progress_bar(stream, round_no: int):
+def _progress_bar(stream, round_no: int, delay: float = 1.0, mininterval: float = 0.25):
     if stream is None:
         return None
     from tqdm import tqdm
 
     desc = "checking" if round_no == 0 else f"re-checking ({round_no + 1})"
     # delay: short runs show no bar at all; leave=False: the bar does not stay on screen.
-    return tqdm(total=1, desc=desc, unit="dir", file=stream, delay=1.0, leave=False,
-                dynamic_ncols=True, mininterval=0.25)
+    return tqdm(total=1, desc=desc, unit="dir", file=stream, delay=delay, leave=False,
+                dynamic_ncols=True, mininterval=mininterval)
 
 
 def _layer_info(stack: Stack, preflight, mode: Mode) -> dict[str, LayerInfo]:
@@ -383,9 +383,7 @@ def run(
         fixed_before = sum(1 for o in result.outcomes if o.fixed)
 
         def on_error(layer: Layer, relpath: str, exc: OSError) -> None:
-            from ovlfsck.engine import Finding as _F
-
-            ctx.fix(_F(BY_CODE["OVL901"], layer, relpath, f"cannot list: {exc.strerror}"))
+            ctx.fix(Finding(BY_CODE["OVL901"], layer, relpath, f"cannot list: {exc.strerror}"))
             result.errors.append(f"{layer.name}:{relpath or '.'}: {exc.strerror}")
 
         walker = Walker(stack, ctx.xa, on_error)

@@ -163,9 +163,12 @@ class Walker:
 
     # ------------------------------------------------------------------ lookups
 
-    def lookup_path(self, layer: Layer, comps: list[str]) -> tuple[Optional[Entry], bool, list[str], Optional[RedirectEvent]]:
+    def lookup_path(
+        self, layer: Layer, comps: list[str], read_xattrs: Optional[bool] = None,
+    ) -> tuple[Optional[Entry], bool, list[str], Optional[RedirectEvent], Optional[bool]]:
         """Walk `comps` from the root of `layer` as ovl_lookup_layer does with an absolute
-        name; returns (entry, stop, comps for the layers beneath, bad redirect or None).
+        name; returns (entry, stop, comps for the layers beneath, bad redirect or None,
+        absolute-redirect flag as left by the intermediate directories (None: untouched)).
 
         - a missing component: (None, False): try the next layer;
         - a whiteout or a non-directory on the way: (None, True): no layer beneath either;
@@ -174,36 +177,48 @@ class Walker:
         - a redirect on an intermediate directory rewrites the name used in the layers
           beneath (ovl_check_redirect), while this layer's walk continues below it.
         The last component's own opaque and redirect are left to the caller.
+
+        `read_xattrs` (default: not the lowermost layer) says whether the intermediate
+        directories' opaque and redirect count (`d->last`; metacopy lookups with data-only
+        layers decide it differently). Each intermediate directory also sets the kernel's
+        absolute-redirect flag: True after an absolute redirect, False after a directory
+        without one (which matters for the lazy data-only lookup).
         """
         cur = layer.path
         entry: Optional[Entry] = None
         stop = False
+        flag: Optional[bool] = None
         comps = list(comps)
-        lowermost = self.is_lowermost(layer)
+        if read_xattrs is None:
+            read_xattrs = not self.is_lowermost(layer)
         i = 0
         while i < len(comps):
             cur = os.path.join(cur, comps[i])
             entry = lstat_entry(cur)
             if entry is None:
-                return None, stop, comps, None
+                return None, stop, comps, None, flag
             if entry.is_whiteout(self.xa):
-                return None, True, comps, None
+                return None, True, comps, None, flag
             last = i == len(comps) - 1
             if last:
                 break
             if not entry.is_dir:
-                return None, True, comps, None
-            if not lowermost:
+                return None, True, comps, None, flag
+            if read_xattrs:
                 x = entry.xattrs(self.xa)
                 if x.get("opaque") == b"y":
                     stop = True
-                elif "redirect" in x:
-                    value = x["redirect"]
+                else:
+                    value = x.get("redirect")
+                    flag = bool(value and value.startswith(b"/"))
+                    if value is None:
+                        i += 1
+                        continue
                     problem, detail = validate_redirect(value)
                     if problem:
                         rel = "/".join(comps[: i + 1])
                         bad = RedirectEvent(Member(layer, rel, entry), value, problem, detail)
-                        return None, True, comps, bad
+                        return None, True, comps, bad, flag
                     text = os.fsdecode(value)
                     post = comps[i + 1 :]
                     if text.startswith("/"):
@@ -213,7 +228,7 @@ class Walker:
                         comps = comps[:i] + [text] + post
                     i = len(comps) - len(post) - 1
             i += 1
-        return entry, stop, comps, None
+        return entry, stop, comps, None, flag
 
     def resolve(
         self,
@@ -261,7 +276,7 @@ class Walker:
                     break
                 layer = cands[0]
                 relpath = "/".join(abs_comps)
-                entry, stop_here, abs_comps, bad = self.lookup_path(layer, abs_comps)
+                entry, stop_here, abs_comps, bad, _ = self.lookup_path(layer, abs_comps)
                 if bad is not None:
                     # An invalid redirect on the way fails the whole lookup (EINVAL).
                     chain.redirects.append(bad)

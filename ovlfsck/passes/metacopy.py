@@ -205,48 +205,13 @@ class Resolver:
     # ------------------------------------------------------------------ lookups
 
     def _walk_abs(self, layer: Layer, comps: list[str]):
-        """One layer of an absolute lookup (ovl_lookup_layer): (entry, stop, comps,
-        bad directory or None, absolute-redirect flag after the intermediate directories
-        (None: untouched))."""
-        cur = layer.path
-        entry: Optional[Entry] = None
-        stop = False
-        flag: Optional[bool] = None
-        comps = list(comps)
-        read_x = not self.is_last(layer)
-        i = 0
-        while i < len(comps):
-            cur = os.path.join(cur, comps[i])
-            entry = lstat_entry(cur)
-            if entry is None:
-                return None, stop, comps, None, flag
-            if entry.is_whiteout(self.xa):
-                return None, True, comps, None, flag
-            if i == len(comps) - 1:
-                break
-            if not entry.is_dir:
-                return None, True, comps, None, flag
-            if read_x:
-                x = entry.xattrs(self.xa)
-                if x.get("opaque") == b"y":
-                    stop = True
-                else:
-                    value = x.get("redirect")
-                    flag = bool(value and value.startswith(b"/"))
-                    if value is not None:
-                        problem, detail = validate_redirect(value)
-                        rel = "/".join(comps[: i + 1])
-                        if problem:
-                            return None, True, comps, (Node(layer, rel, entry), value, detail), flag
-                        text = os.fsdecode(value)
-                        post = comps[i + 1:]
-                        if text.startswith("/"):
-                            stop = False
-                            comps = text[1:].split("/") + post
-                        else:
-                            comps = comps[:i] + [text] + post
-                        i = len(comps) - len(post) - 1
-            i += 1
+        """One layer of an absolute lookup: the walker's ovl_lookup_layer, with this
+        resolver's notion of the last layer; a bad directory comes back as a Node."""
+        entry, stop, comps, bad, flag = self.ctx.walker.lookup_path(
+            layer, comps, read_xattrs=not self.is_last(layer))
+        if bad is not None:
+            return entry, stop, comps, (Node(bad.member.layer, bad.member.relpath, bad.member.entry),
+                                        bad.value, bad.detail), flag
         return entry, stop, comps, None, flag
 
     def _data_lookup(self, layer: Layer, comps: list[str]) -> tuple[Optional[Node], str]:
@@ -391,8 +356,8 @@ class Resolver:
                 if not cands:
                     break
                 layer = cands[0]
+                relpath = "/".join(comps)  # the path walked in this layer (before rewrites)
                 entry, stop_here, comps, bad, flag = self._walk_abs(layer, comps)
-                relpath = "/".join(comps)
                 if flag is not None:
                     abs_flag = flag
                 if bad is not None:

@@ -48,7 +48,6 @@ whiteout d
 [work]
 dir index
 """
-    layers_root = tmp_path
     f = features(tmp_path, capsys, spec)
     assert set(f["used"]) == {"redirect", "index"}
     assert f["mount_options"] == "redirect_dir=on,index=on"
