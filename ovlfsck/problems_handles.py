@@ -61,7 +61,7 @@ ROWS: tuple[Problem, ...] = (
     _P(
         "OVL505", "origin-stale-indexed", Severity.ERROR,
         "indexed hardlink whose origin handle names no object of the lower layers",
-        None, False,
+        "Make it a plain upper file", False,
         "With the index in use, the upper aliases of the hardlink are no longer tied to their "
         "index entry: their st_ino and nlink differ from those of lower aliases that are not "
         "copied up, which now show the old lower content: the hardlinks come apart. Nothing is "
@@ -69,9 +69,13 @@ ROWS: tuple[Problem, ...] = (
         "The file was copied up through the index (it has an `nlink` xattr) but its origin "
         "names no object of the lower layers any more: another filesystem's uuid, an object "
         "that is gone, or one outside the layers (the layers were copied, or the lower was "
-        "replaced). Nothing certain can be re-encoded from what is on disk; the index entry "
-        "named after the same handle is stale too. Reported only: rehandle the layer set, or "
-        "mount with index=off knowing that the hardlinks are separate files.",
+        "replaced), and neither the record of `ovlfsck record` nor the paths of its aliases "
+        "tell which lower object it must now name (OVL520 is the rewrite when they do). "
+        "Nothing is guessed. When the `nlink` xattr shows that every alias is in the upper "
+        "layer (no lower alias shows the data), -y makes it a plain upper file: origin and "
+        "nlink are removed and its index link goes to the quarantine; the data stays in the "
+        "upper file and only st_ino changes. Otherwise it is reported only: find the record, "
+        "or mount with index=off knowing that the hardlinks are separate files.",
     ),
     _P(
         "OVL506", "origin-outside-layers", Severity.WARNING,
@@ -191,5 +195,22 @@ ROWS: tuple[Problem, ...] = (
         "and it is a separate inode again). "
         "When the paths do not tell which is right, -p leaves it and -y keeps the first in path "
         "order. Typical after `cp -a` of copied-up files inside the upper layer.",
+    ),
+    _P(
+        "OVL520", "origin-moved", Severity.ERROR,
+        "origin handle of the layers' old location (copied layers): rewritten for the new one",
+        "Rewrite the origin for the new location", False,
+        "The handle carries the old filesystem's uuid (or, after a copy within one filesystem, "
+        "names the original object, not the copy): the kernel ignores it silently, so st_ino "
+        "changes; for an indexed hardlink the aliases come apart (a lower alias that is not "
+        "copied up shows the old lower content) and its index entry is never found again.",
+        "The layers were copied (tar, rsync, cp -a, a restored backup, a cloned disk). The new "
+        "target is the object the handle must now name: the one the record made by `ovlfsck "
+        "record` at the original location names (exact; -p applies it), else the lower file "
+        "of the same type at the entry's own path (for an indexed hardlink: the single lower "
+        "file found at the paths of all its aliases; -y applies it, -p leaves it). The fix "
+        "writes that object's handle, as the kernel would at copy-up; the index entry named "
+        "after the old handle is renamed to match (OVL620). A target that cannot be told with "
+        "certainty is never guessed: the entry is reported as OVL504/OVL505/OVL506 and kept.",
     ),
 )

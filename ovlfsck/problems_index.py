@@ -187,4 +187,23 @@ ROWS: tuple[Problem, ...] = (
         "reported). A typical cause is an upper alias deleted offline (H7): its lower alias is "
         "visible again and shows the copied-up data. The fix writes the counted value.",
     ),
+    _P(
+        "OVL620", "index-moved", Severity.ERROR,
+        "index entry named after a handle of the layers' old location (copied layers)",
+        "Rename the index entry to the new handle", False,
+        "The name no longer decodes (another uuid) or decodes to the original object of a "
+        "copy: the kernel never finds the entry again. A file entry is kept unused; at mount "
+        "a directory entry whose `upper` is another filesystem's, and an entry with no other "
+        "link, are removed (`failed to verify index (..., err=-116)`). The hardlink aliases "
+        "tied by a file entry come apart, and an NFS handle of a directory or of a deleted "
+        "hardlink no longer finds its entry.",
+        "The layers were copied. The entry is renamed in place to the hex of the handle of the "
+        "object it must now stand for, so a file entry stays the same inode as its upper "
+        "aliases (the hardlink is kept): the new handle its upper alias's origin gets "
+        "(OVL520/OVL507), or the one the record made by `ovlfsck record` names (the only "
+        "source for whiteout entries of deleted hardlinks). The entry's `origin` (file "
+        "entries) or `upper` (directory entries) xattr is rewritten with it. -p applies only "
+        "exact renames (from the record or a directory's merged lower directory). Entries "
+        "whose object cannot be told are left to OVL607/OVL608/OVL609.",
+    ),
 )

@@ -32,11 +32,11 @@ import stat
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ovlfsck import handles
+from ovlfsck import handles, rehandle
 from ovlfsck.engine import CheckContext, Finding
 from ovlfsck.fsio import Kind, quoted
 from ovlfsck.problems import BY_CODE
-from ovlfsck.repair import MakeWhiteout, Quarantine, SetXattr
+from ovlfsck.repair import Link, MakeWhiteout, Quarantine, Rename, SetXattr
 from ovlfsck.stack import Layer
 from ovlfsck.walk import DirVisit, join
 
@@ -419,6 +419,10 @@ def finish(ctx: CheckContext) -> None:
     try:
         for name in sorted(st.entries, key=os.fsencode):
             e = st.entries[name]
+            if (ctx.stack.work.name, e.rel) in ctx.changed_round:
+                continue  # moved or changed by another fix of this round: the next round checks it
+            if _moved(ctx, st, e):
+                continue
             if e.kind == "whiteout":
                 _check_whiteout(ctx, st, e)
             elif e.kind == "dir":
@@ -482,6 +486,99 @@ def _lower_desc(e: _Entry) -> str:
 def _upper_desc(rels: list[str]) -> str:
     shown = ", ".join(quoted(r) for r in rels[:3])
     return shown + (f" and {len(rels) - 3} more" if len(rels) > 3 else "")
+
+
+# ------------------------------------------------------------------ copied layers
+
+
+def _moved(ctx: CheckContext, st: _State, e: _Entry) -> bool:
+    """An entry named after a handle of the layers' old location: rename it in place to the
+    handle of the object it must now stand for (issue 4). True if reported here."""
+    if e.kind == "dir" and not st.nfs:
+        return False
+    rh = rehandle.get(ctx)
+    new = rh.learned(e.fh)
+    if new is None:
+        mode = None if e.kind == "whiteout" else e.st.st_mode
+        if e.lower == _STALE:
+            why_stale = "its name names no object of the lower layers (another filesystem's uuid, or gone)"
+            new, _why = rh.from_record(e.fh, mode=mode)
+        elif rh.moved and isinstance(e.lower, _Obj):
+            # A copy within one filesystem: the name still decodes, to the original object;
+            # the record (made for the layers at their old paths) says which copy it is now.
+            new, _why = rh.from_record(e.fh, mode=mode)
+            if new is None or _key_of(new) in (None, e.lower.key):
+                return False
+            why_stale = "its name decodes to an object outside these layers (the original of a copy)"
+        else:
+            return False
+        if new is None:
+            return False
+    else:
+        why_stale = "its name is the old origin handle of the entry it belongs to"
+    new_name = new.fh.index_name()
+    if new_name == e.name:
+        return False
+    work = ctx.stack.work
+    ops: list = []
+    extra = ""
+    if e.kind == "file":
+        xa = ctx.xa.read_all(e.path)
+        if xa.get("origin") != new.fh.encode():
+            ops.append(SetXattr(work, e.rel, ctx.xname("origin"), new.fh.encode()))
+            extra = " and set its origin to match"
+    elif e.kind == "dir":
+        up = _dir_upper(ctx, rh, e, new)
+        if up is None:
+            return False  # the upper directory is not known: the directory checks decide
+        if ctx.xa.read_all(e.path).get("upper") != up.fh.encode():
+            ops.append(SetXattr(work, e.rel, ctx.xname("upper"), up.fh.encode()))
+            extra = f" and set its upper to {up.describe()}"
+    detail = (f"{_kind_label(e)} entry; {why_stale}; it stands for {new.where}, found from "
+              f"{new.source}, whose handle is {handles.describe_fid(new.fh)}")
+    new_rel = f"index/{new_name}"
+    if os.path.lexists(os.path.join(work.path, new_rel)):
+        ctx.fix(Finding(BY_CODE["OVL620"], work, e.rel,
+                        detail + f"; an entry of the new name exists already ({new_rel[:22]}...): "
+                                 f"left as it is"))
+        return True
+    ops.append(Rename(work, e.rel, new_rel))
+    ctx.fix(Finding(
+        BY_CODE["OVL620"], work, e.rel, detail, ops=tuple(ops),
+        action=f"rename it in place to index/{new_name[:16]}... (keeps its links){extra}",
+        preen_ok=new.source in (rehandle.FROM_RECORD, rehandle.FROM_MERGED_DIR),
+    ))
+    return True
+
+
+def _kind_label(e: _Entry) -> str:
+    return {"whiteout": "whiteout (deleted hardlink)", "dir": "directory"}.get(e.kind, _kind_name(e.st.st_mode))
+
+
+def _key_of(new: "rehandle.NewHandle") -> Optional[tuple[int, int]]:
+    try:
+        s = os.lstat(os.path.join(new.layer.path, new.relpath) if new.relpath else new.layer.path)
+    except OSError:
+        return None
+    return (s.st_dev, s.st_ino)
+
+
+def _dir_upper(ctx: CheckContext, rh: "rehandle.Rehandler", e: _Entry,
+               new: "rehandle.NewHandle") -> Optional["rehandle.NewHandle"]:
+    """The upper directory a directory entry belongs to, with its handle as it is now."""
+    upper = ctx.stack.upper
+    if new.upper_rel is not None:
+        fh = rh.encode(upper, new.upper_rel, upper=True)
+        return None if fh is None else rehandle.NewHandle(fh, upper, new.upper_rel, rehandle.FROM_UPPER)
+    raw = ctx.xa.read_all(e.path).get("upper")
+    try:
+        ufh = handles.decode(raw) if raw else None
+    except (handles.HandleError, handles.UnknownHandle):
+        ufh = None
+    if ufh is None:
+        return None
+    got, _why = rh.from_record(ufh, upper=True, mode=stat.S_IFDIR)
+    return got
 
 
 # ------------------------------------------------------------------ whiteouts
@@ -676,8 +773,93 @@ def _broken(ctx: CheckContext, e: _Entry, low: Optional[_Obj]) -> None:
     elif visible:
         detail += (f"; the entry's separate copy is what {_lower_desc(e)} shows; after the fix "
                    f"they show their lower content")
+    relink = _relink_ops(ctx, e)
+    if relink is not None:
+        ops, alias = relink
+        ctx.fix(Finding(
+            BY_CODE["OVL604"], ctx.stack.work, e.rel,
+            detail + f"; the entry is an identical copy of upper {quoted(alias)}",
+            ops=ops, preen_ok=True,
+            action=f"move the separate index copy to the quarantine and hard-link upper "
+                   f"{quoted(alias)} in its place (the link the kernel made)",
+        ))
+        return
     _quarantine(ctx, "OVL604", e, detail, preen=(visible is False),
                 action="move the separate index copy to the quarantine (the upper file keeps the data)")
+
+
+def _relink_ops(ctx: CheckContext, e: _Entry) -> Optional[tuple[tuple, str]]:
+    """When the entry is an identical copy of its (single) upper inode: the ops that put the
+    upper<->index hard link back (a copy tool split it: tar does so for fifos and devices,
+    separate copies of upper and work for everything)."""
+    upper = ctx.stack.upper
+    stats = {}
+    for rel in e.claims:
+        try:
+            s = os.lstat(os.path.join(upper.path, rel))
+        except OSError:
+            return None
+        stats[(s.st_dev, s.st_ino)] = (rel, s)
+    if len(stats) != 1:
+        return None
+    rel, s = next(iter(stats.values()))
+    if s.st_dev != e.st.st_dev or not _same_content(os.path.join(upper.path, rel), s, e.path, e.st):
+        return None
+    ops: list = []
+    mine = ctx.xa.read_all(e.path)
+    theirs = ctx.xa.read_all(os.path.join(upper.path, rel))
+    for key, value in sorted(mine.items()):
+        if key not in theirs:
+            ops.append(SetXattr(upper, rel, ctx.xname(key), value))
+        elif theirs[key] != value and key != "nlink":
+            return None  # the copies disagree on overlay state: not ours to pick
+    work = ctx.stack.work
+    ops += [Quarantine(work, e.rel), Link(work, e.rel, upper, rel)]
+    return tuple(ops), rel
+
+
+def _same_content(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
+    """Same type, mode, owner and content (data, symlink target or device number)."""
+    if (stat.S_IFMT(sa.st_mode), sa.st_mode, sa.st_uid, sa.st_gid) != \
+            (stat.S_IFMT(sb.st_mode), sb.st_mode, sb.st_uid, sb.st_gid):
+        return False
+    if stat.S_ISLNK(sa.st_mode):
+        try:
+            return os.readlink(a) == os.readlink(b)
+        except OSError:
+            return False
+    if stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode):
+        return sa.st_rdev == sb.st_rdev
+    if not stat.S_ISREG(sa.st_mode):
+        return True  # fifos and sockets hold nothing
+    if sa.st_size != sb.st_size:
+        return False
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+    try:
+        fa = os.open(a, flags)
+    except OSError:
+        try:
+            fa = os.open(a, flags & ~getattr(os, "O_NOATIME", 0))
+        except OSError:
+            return False
+    try:
+        try:
+            fb = os.open(b, flags)
+        except OSError:
+            fb = os.open(b, flags & ~getattr(os, "O_NOATIME", 0))
+        try:
+            while True:
+                x, y = os.read(fa, 1 << 20), os.read(fb, 1 << 20)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+        finally:
+            os.close(fb)
+    except OSError:
+        return False
+    finally:
+        os.close(fa)
 
 
 def _computed_nlink(e: _Entry, low: _Obj, raw: Optional[bytes]) -> Optional[int]:

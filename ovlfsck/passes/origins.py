@@ -25,11 +25,11 @@ import stat
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ovlfsck import handles
+from ovlfsck import handles, rehandle
 from ovlfsck.engine import CheckContext, Finding
 from ovlfsck.fsio import Entry, quoted
 from ovlfsck.problems import BY_CODE
-from ovlfsck.repair import RemoveXattr, SetXattr
+from ovlfsck.repair import Quarantine, RemoveXattr, SetXattr
 from ovlfsck.stack import Layer, Role
 from ovlfsck.walk import DirVisit, Member, join
 
@@ -49,6 +49,7 @@ class _Pending:
     fh: handles.OvlFh
     decoded: handles.Decoded
     indexed: bool
+    lower: Optional[Member] = None  # the object at the same path beneath
 
 
 @dataclass(slots=True)
@@ -73,12 +74,30 @@ class _State:
     claims: dict[tuple, list[_Claim]] = field(default_factory=dict)
     root_dev: dict[str, int] = field(default_factory=dict)
     undecodable: Optional[str] = None  # why open_by_handle_at could not be used
+    moved: list["_Moved"] = field(default_factory=list)  # indexed files to rehandle after the walk
+    orig_root: Optional[str] = ""  # "": not looked for; None: unknown (see _original_root)
+    rh: Optional[rehandle.Rehandler] = None
+
+
+@dataclass(slots=True)
+class _Moved:
+    """An indexed upper file whose origin is a handle of the layers' old location: resolved
+    after the walk, when all its aliases are known."""
+
+    relpath: str
+    upper_key: tuple[int, int]
+    fh: handles.OvlFh
+    mode: int
+    detail: str
+    cand: Optional[tuple]  # (layer, relpath, host path, (dev, ino), mode, exact): the lower
+    # object at its own path, or (exact) the copy of the original its origin names
 
 
 def _state(ctx: CheckContext) -> _State:
     def build() -> _State:
         st = _State(ctx.walker)
         st.index_in_use, st.nfs_in_use = _index_features(ctx)
+        st.rh = rehandle.get(ctx, lambda lay: _encode_uuid(ctx, st, lay))
         return st
 
     return ctx.round_state("origins", build)
@@ -381,7 +400,12 @@ def _check_entry(ctx: CheckContext, st: _State, visit: DirVisit, i: int, name: s
         return
     if res.kind in ("nouuid", "gone"):
         st.stale += 1
-        _stale(ctx, layer, relpath, entry, indexed, res.detail, is_dir, fh)
+        # A handle for another filesystem: the layers were copied, and the object at the
+        # same path beneath is a candidate. A handle that is gone: only the record can tell.
+        done, why = _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail,
+                              lower if res.kind == "nouuid" else None)
+        if not done:
+            _stale(ctx, layer, relpath, entry, indexed, res.detail, is_dir, fh, why)
         return
     dec = res.decoded
     assert dec is not None
@@ -420,7 +444,7 @@ def _check_entry(ctx: CheckContext, st: _State, visit: DirVisit, i: int, name: s
         return
     if upper:
         _claim(st, fh, relpath, entry, False, indexed)
-    st.pending.append(_Pending(layer, relpath, entry, fh, dec, indexed))
+    st.pending.append(_Pending(layer, relpath, entry, fh, dec, indexed, lower))
 
 
 def _claim(st: _State, fh: handles.OvlFh, relpath: str, entry: Entry, own: bool, indexed: bool) -> None:
@@ -505,36 +529,226 @@ def _remove(ctx: CheckContext, code: str, layer: Layer, relpath: str, detail: st
     ))
 
 
+# --------------------------------------------------------------------------- rehandling
+
+
+def _original_root(ctx: CheckContext, st: _State) -> Optional[str]:
+    """After a copy within one filesystem: the host path of the ORIGINAL top lower layer,
+    which the upper root's origin still names (a directory decodes with its path)."""
+    if st.orig_root != "":
+        return st.orig_root
+    st.orig_root = None
+    upper = ctx.stack.upper
+    if upper is None or not ctx.stack.lowers:
+        return None
+    try:
+        fh = handles.decode(ctx.xa.read_all(upper.path).get("origin") or b"")
+        res = _resolve(ctx, st, upper, fh)
+    except (OSError, handles.HandleError, handles.UnknownHandle):
+        return None
+    if res.kind == "found" and res.where is None and res.decoded.path and \
+            stat.S_ISDIR(res.decoded.st.st_mode):
+        st.orig_root = res.decoded.path.rstrip("/")
+    return st.orig_root
+
+
+def _at_original_path(ctx: CheckContext, st: _State, dec: handles.Decoded,
+                      mode: int) -> Optional[Member]:
+    """The copy of the object `dec` (an original outside the layers): the object at the
+    same path in the copy's top lower layer, when the decode gave a path and it matches."""
+    root = _original_root(ctx, st)
+    if not root or not dec.path or not dec.path.startswith(root + "/"):
+        return None
+    rel = dec.path[len(root) + 1:]
+    new, _why = st.rh.at(ctx.stack.lowers[0], rel, mode, rehandle.FROM_ORIGINAL)
+    return new
+
+
+def _rehandle(ctx: CheckContext, st: _State, layer: Layer, relpath: str, entry: Entry,
+              fh: handles.OvlFh, indexed: bool, detail: str,
+              cand: Optional[Member], exact: Optional["rehandle.NewHandle"] = None) -> tuple[bool, str]:
+    """A stale origin of an upper entry: rewrite it when the object it must now name is
+    known (the record; `exact`, the copy of the original it names; else `cand`, the object
+    at the same path beneath, of the same type). Returns (reported here, why not
+    rewritten). Indexed files are decided after the walk, from all their aliases."""
+    if not layer.is_upper:
+        return False, ""
+    try:
+        s = entry.lstat()
+    except OSError:
+        return False, ""
+    mode = s.st_mode
+    if indexed and not entry.is_dir:
+        c = None
+        if exact is not None:
+            try:
+                host = os.path.join(exact.layer.path, exact.relpath)
+                cs = os.lstat(host)
+                c = (exact.layer, exact.relpath, host, (cs.st_dev, cs.st_ino), cs.st_mode, True)
+            except OSError:
+                pass
+        elif cand is not None and not cand.entry.is_dir:
+            try:
+                cs = cand.entry.lstat()
+                c = (cand.layer, cand.relpath, cand.entry.path, (cs.st_dev, cs.st_ino), cs.st_mode, False)
+            except OSError:
+                pass
+        st.moved.append(_Moved(relpath, (s.st_dev, s.st_ino), fh, mode, detail, c))
+        return True, ""
+    new, why = st.rh.from_record(fh, mode=mode, below=layer)
+    if new is None and exact is not None:
+        new = exact
+    elif new is None and cand is not None and not entry.is_dir:
+        try:
+            cmode = cand.entry.lstat().st_mode
+        except OSError:
+            cmode = 0
+        if stat.S_IFMT(cmode) == stat.S_IFMT(mode):
+            new = st.rh.from_path(cand.layer, cand.relpath, cand.entry.path, rehandle.FROM_PATH)
+        else:
+            why += f"; the lower entry at the same path is {_type_name(cmode)}, this is {_type_name(mode)}"
+    elif new is None and cand is None and not entry.is_dir:
+        why += "; there is no lower file at the same path"
+    if new is None:
+        return False, why
+    _rewrite(ctx, st, layer, relpath, fh, new, detail)
+    return True, ""
+
+
+def _rewrite(ctx: CheckContext, st: _State, layer: Layer, relpath: str, fh: handles.OvlFh,
+             new: "rehandle.NewHandle", detail: str, aliases: tuple[str, ...] = ()) -> None:
+    st.rh.learn(fh, new)
+    if aliases:
+        detail += f"; also seen as {', '.join(quoted(a) for a in aliases[:3])}" + (
+            f" and {len(aliases) - 3} more" if len(aliases) > 3 else "") + " (the same inode)"
+    ctx.fix(Finding(
+        BY_CODE["OVL520"], layer, relpath,
+        f"{detail}; it must now name {new.where}, found from {new.source}",
+        ops=(SetXattr(layer, relpath, ctx.xname("origin"), new.fh.encode()),),
+        action=f"set origin to {new.describe()}",
+        preen_ok=new.source == rehandle.FROM_RECORD,
+    ))
+
+
+def _finish_moved(ctx: CheckContext, st: _State) -> None:
+    """Indexed files with a stale origin, per upper inode: the record, else the one lower
+    object of the same type found at the paths of its aliases."""
+    groups: dict[tuple[int, int], list[_Moved]] = {}
+    for m in st.moved:
+        groups.setdefault(m.upper_key, []).append(m)
+    upper = ctx.stack.upper
+    for ms in sorted(groups.values(), key=lambda g: min(os.fsencode(m.relpath) for m in g)):
+        ms.sort(key=lambda m: os.fsencode(m.relpath))
+        first = ms[0]
+        others = tuple(m.relpath for m in ms[1:])
+        new, why = st.rh.from_record(first.fh, mode=first.mode, below=upper)
+        if new is None:
+            cands = {}
+            exact = [m.cand for m in ms if m.cand is not None and m.cand[5]]
+            for m in ms:
+                if m.cand is not None and stat.S_IFMT(m.cand[4]) == stat.S_IFMT(first.mode):
+                    cands.setdefault(m.cand[3], m.cand)
+            where = "its path" if len(ms) == 1 else "the paths of its aliases"
+            if exact:
+                lay, rel, host = exact[0][:3]
+                new = st.rh.from_path(lay, rel, host, rehandle.FROM_ORIGINAL)
+            elif len(cands) == 1:
+                lay, rel, host = next(iter(cands.values()))[:3]
+                new = st.rh.from_path(lay, rel, host, rehandle.FROM_PATH if len(ms) == 1
+                                      else rehandle.FROM_ALIASES)
+            elif not cands:
+                why += f"; no lower file of the same type at {where}"
+            else:
+                why += f"; {where} name {len(cands)} different lower files"
+        if new is not None:
+            _rewrite(ctx, st, upper, first.relpath, first.fh, new, first.detail, others)
+            continue
+        detail = first.detail + (f" (also seen as {', '.join(quoted(o) for o in others[:3])})"
+                                 if others else "")
+        if not _unindex(ctx, first, len(ms), f"{detail}; not rewritten: {why}"):
+            _left_indexed(ctx, upper, first.relpath, f"{detail}; not rewritten: {why}")
+
+
+def _unindex(ctx: CheckContext, m: "_Moved", n_upper: int, detail: str) -> bool:
+    """The -y fallback for an indexed file whose lower object cannot be told: when its nlink
+    xattr shows that every alias is in the upper layer (no lower alias shows its data), make
+    it a plain upper file: nothing visible changes but st_ino, and no data is lost (the index
+    link goes to the quarantine). True if reported here."""
+    upper = ctx.stack.upper
+    path = os.path.join(upper.path, m.relpath)
+    try:
+        s = os.lstat(path)
+        xa = ctx.xa.read_all(path)
+    except OSError:
+        return False
+    from ovlfsck.passes.index import parse_nlink  # the index pass owns the nlink format
+    parsed = parse_nlink(xa.get("nlink"))
+    if parsed is None or parsed[0] != "U" or s.st_nlink + parsed[1] != n_upper:
+        return False
+    ops = [RemoveXattr(upper, m.relpath, ctx.xname("origin")),
+           RemoveXattr(upper, m.relpath, ctx.xname("nlink"))]
+    work = ctx.stack.work
+    index_rel = f"index/{m.fh.index_name()}"
+    note = ""
+    if work is not None:
+        try:
+            ist = os.lstat(os.path.join(work.path, index_rel))
+        except OSError:
+            ist = None
+        if ist is not None and (ist.st_dev, ist.st_ino) == (s.st_dev, s.st_ino):
+            ops.append(Quarantine(work, index_rel))
+            note = f", and its index link {index_rel[:22]}... goes to the quarantine"
+    ctx.fix(Finding(
+        BY_CODE["OVL505"], upper, m.relpath,
+        detail + f"; its nlink xattr counts {n_upper} link(s), all of them in the upper layer, so "
+                 f"no lower alias shows its data",
+        ops=tuple(ops), preen_ok=False,
+        action=f"make it a plain upper file: remove origin and nlink{note} (the data stays in "
+               f"upper:{quoted(m.relpath)}; only st_ino changes)",
+    ))
+    return True
+
+
 _ST_INO = ("removing it changes nothing the overlay shows except st_ino, which becomes the "
            "upper inode's")
 
 
 def _stale(ctx: CheckContext, layer: Layer, relpath: str, entry: Entry, indexed: bool,
-           detail: str, is_dir: bool, fh: Optional[handles.OvlFh] = None) -> None:
+           detail: str, is_dir: bool, fh: Optional[handles.OvlFh] = None, why: str = "") -> None:
     if not layer.is_upper:
         _remove(ctx, "OVL510", layer, relpath, detail, preen=False)
         return
+    if why:
+        detail += f"; not rewritten: {why}"
     if indexed:
-        ctx.fix(Finding(
-            BY_CODE["OVL505"], layer, relpath,
-            detail + "; the file is an indexed hardlink, so its aliases come apart",
-        ))
+        _left_indexed(ctx, layer, relpath, detail)
         return
     _remove(ctx, "OVL504", layer, relpath, detail + "; the kernel ignores it silently", preen=False,
             why="" if is_dir else _ST_INO, fh=fh if is_dir else None)
 
 
+def _left_indexed(ctx: CheckContext, layer: Layer, relpath: str, detail: str) -> None:
+    """An indexed hardlink whose origin cannot be rewritten with certainty: reported, and
+    left as it is (the data stays in the upper file and its index entry)."""
+    ctx.fix(Finding(
+        BY_CODE["OVL505"], layer, relpath,
+        detail + "; the file is an indexed hardlink, so its aliases come apart; left as it is "
+                 f"(its data stays in {layer.name}:{quoted(relpath)}): give the record made at the "
+                 "original location, or mount with index=off knowing that the hardlinks are "
+                 "separate files",
+    ))
+
+
 def _outside(ctx: CheckContext, layer: Layer, relpath: str, indexed: bool, detail: str, is_dir: bool,
-             fh: Optional[handles.OvlFh] = None) -> None:
+             fh: Optional[handles.OvlFh] = None, why: str = "") -> None:
     if not layer.is_upper:
         _remove(ctx, "OVL510", layer, relpath, detail, preen=False)
         return
+    if why:
+        detail += f"; not rewritten: {why}"
     if indexed:
-        ctx.fix(Finding(
-            BY_CODE["OVL505"], layer, relpath,
-            detail + " (were the layers copied within one filesystem?); the file is an indexed "
-                     "hardlink, so its aliases come apart",
-        ))
+        _left_indexed(ctx, layer, relpath,
+                      detail + " (were the layers copied within one filesystem?)")
         return
     why = "copied layers still point at the originals" if not is_dir else ""
     if not is_dir:
@@ -555,6 +769,7 @@ def _check_merged_dir(ctx: CheckContext, st: _State, layer: Layer, relpath: str,
     if new is None:
         return
     target = f"{lower.layer.name}:{quoted(lower.relpath) if lower.relpath else '(root)'}"
+    moved = False
     if fh.same_object(new):
         why = (f"the handle names {target} but is not byte-identical to what the kernel writes "
                f"(flags {fh.flags:#x}, version {fh.version})")
@@ -563,6 +778,11 @@ def _check_merged_dir(ctx: CheckContext, st: _State, layer: Layer, relpath: str,
         res = _resolve(ctx, st, layer, fh)
         elsewhere = res.kind == "found" and res.where is not None and res.where[1] != lower.relpath \
             and res.where[0].depth > layer.depth
+        moved = res.kind == "nouuid" or (res.kind == "found" and res.where is None)
+        if layer.is_upper and moved:
+            # A handle of the old location: an index entry named after it follows (index pass).
+            st.rh.learn(fh, rehandle.NewHandle(new, lower.layer, lower.relpath,
+                                               rehandle.FROM_MERGED_DIR, upper_rel=relpath))
         if res.kind == "found":
             why = f"the origin names {_shown_where(res)}, not {target} which it merges"
             if elsewhere:
@@ -579,6 +799,9 @@ def _check_merged_dir(ctx: CheckContext, st: _State, layer: Layer, relpath: str,
         why += (f"; with nfs_export the kernel does not merge it: failed to verify origin "
                 f"({_pd2(lower.entry.path)}, ino={_ino(lower.entry)}, err=-116), and its lower content "
                 f"is hidden")
+    elif moved:
+        code = "OVL520"  # copied layers: every handle of the old location is rewritten
+        why += "; with nfs_export=on the lower content would be hidden"
     else:
         code = "OVL508"
         why += "; with nfs_export=on the lower content would be hidden"
@@ -596,6 +819,7 @@ def _check_merged_dir(ctx: CheckContext, st: _State, layer: Layer, relpath: str,
 def finish(ctx: CheckContext) -> None:
     st = _state(ctx)
     _finish_pending(ctx, st)
+    _finish_moved(ctx, st)
     _finish_claims(ctx, st)
     if ctx.stack.upper is not None:
         _check_root(ctx, st)
@@ -663,9 +887,20 @@ def _finish_pending(ctx: CheckContext, st: _State) -> None:
         if where is None or where[0].depth <= p.layer.depth:
             st.stale += 1
             shown = quoted(p.decoded.path) if p.decoded.path else handles.describe_fid(p.fh)
-            _outside(ctx, p.layer, p.relpath, p.indexed,
-                     f"origin decodes to {shown}, which is in no lower layer beneath {p.layer.name}",
-                     False)
+            detail = f"origin decodes to {shown}, which is in no lower layer beneath {p.layer.name}"
+            why = ""
+            if where is None and p.layer.is_upper:
+                # Outside the layers: the layers were copied within one filesystem.
+                try:
+                    mode = p.entry.lstat().st_mode
+                except OSError:
+                    mode = p.decoded.st.st_mode
+                done, why = _rehandle(ctx, st, p.layer, p.relpath, p.entry, p.fh, p.indexed,
+                                      detail + " (were the layers copied within one filesystem?)",
+                                      p.lower, _at_original_path(ctx, st, p.decoded, mode))
+                if done:
+                    continue
+            _outside(ctx, p.layer, p.relpath, p.indexed, detail, False, why=why)
             continue
         st.verified += 1
         if not p.layer.is_upper or p.indexed or p.decoded.st.st_nlink != 1:

@@ -63,9 +63,30 @@ def _ovl503():
 @scenario()
 def _ovl504():
     def damage(b: Bed):
-        # As after a copy of the layers to another filesystem: another uuid.
-        setx(b.U("zqf"), "origin", _with_uuid(getx(b.U("zqf"), "origin"), OTHER_UUID))
+        # The object it named is gone (same filesystem): only a record could tell what it was.
+        gone = write(b.fs.path("zqoutside", "zqgone"), "g\n")
+        raw = _handle(gone)
+        os.unlink(gone)
+        setx(b.U("zqf"), "origin", raw)
     return Scenario("OVL504", _copied_up_file, damage, "upper", "zqf")
+
+
+@scenario()
+def _ovl520():
+    def damage(b: Bed):
+        # As after a copy of the layers to another filesystem: another uuid; lower zqf, of
+        # the same type at the same path, is what it must name now.
+        setx(b.U("zqf"), "origin", _with_uuid(getx(b.U("zqf"), "origin"), OTHER_UUID))
+    return Scenario("OVL520", _copied_up_file, damage, "upper", "zqf")
+
+
+def _renamed_copied_up_file(b: Bed):
+    """zqf copied up and renamed to zqg through the mount: upper zqg carries the origin of
+    lower zqf (whited out), and nothing of its name is beneath."""
+    _copied_up_file(b)
+    with b.mounted() as m:
+        os.rename(m / "zqf", m / "zqg")
+    assert getx(b.U("zqg"), "origin") == _handle(b.L(0, "zqf"))
 
 
 @scenario()
@@ -73,8 +94,34 @@ def _ovl506():
     def damage(b: Bed):
         # As after `cp -a` of the layers within the filesystem: the handle names the original.
         outside = write(b.fs.path("zqoutside", "zqf"), "f\n")
-        setx(b.U("zqf"), "origin", _handle(outside))
-    return Scenario("OVL506", _copied_up_file, damage, "upper", "zqf")
+        setx(b.U("zqg"), "origin", _handle(outside))
+    return Scenario("OVL506", _renamed_copied_up_file, damage, "upper", "zqg")
+
+
+def _indexed_renamed_hardlinks(b: Bed):
+    """index=on: lower zqp/zqq (one inode) both copied up into the index and renamed to
+    zqr/zqs: all aliases are upper, at paths with nothing beneath (nlink U-1)."""
+    write(b.L(0, "zqp"), "p\n")
+    os.link(b.L(0, "zqp"), b.L(0, "zqq"))
+    with b.mounted() as m:
+        with open(m / "zqp", "a") as fh:
+            fh.write("more\n")
+        os.chmod(m / "zqq", 0o600)
+        os.rename(m / "zqp", m / "zqr")
+        os.rename(m / "zqq", m / "zqs")
+    assert os.path.samestat(os.lstat(b.U("zqr")), os.lstat(b.U("zqs")))
+
+
+@scenario()
+def _ovl505():
+    def damage(b: Bed):
+        # A copy to another filesystem without a record: the origin and the index entry's
+        # name carry another uuid, and no lower file is at the aliases' paths.
+        old = getx(b.U("zqr"), "origin")
+        new = _with_uuid(old, OTHER_UUID)
+        setx(b.U("zqr"), "origin", new)
+        os.rename(b.W("index", old.hex()), b.W("index", new.hex()))
+    return Scenario("OVL505", _indexed_renamed_hardlinks, damage, "upper", "zqr", options="index=on")
 
 
 def _merged_dir(b: Bed):

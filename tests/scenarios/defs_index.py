@@ -81,6 +81,24 @@ def _indexed_hardlinks(b: Bed) -> str:
 # =========================================================================== scenarios
 
 
+def _ovl620():
+    def build(b: Bed):
+        _indexed_hardlinks(b)
+    def damage(b: Bed):
+        # A copy to another filesystem: the upper file's origin and the entry's name carry
+        # another uuid; upper zqp's lower file at the same path says what they must name.
+        old = getx(b.U("zqp"), "origin")
+        new = old[:5] + OTHER_UUID + old[21:]
+        setx(b.U("zqp"), "origin", new)
+        os.rename(b.W("index", old.hex()), b.W("index", new.hex()))
+        sc.path = "index/" + new.hex()
+    sc = Scenario("OVL620", build, damage, "work", "", options="index=on")
+    return sc
+
+
+OTHER_UUID = bytes.fromhex("0c3664b7ffbf408182dd84ed33ee52e0")  # no filesystem of the bed
+
+
 def _ovl602():
     def build(b: Bed):
         _copied_up_file(b)
@@ -239,7 +257,7 @@ def _ovl615():
     return sc
 
 
-for _fn in (_ovl602, _ovl603, _ovl604, _ovl605, _ovl606, _ovl607, _ovl609, _ovl610, _ovl611,
+for _fn in (_ovl620, _ovl602, _ovl603, _ovl604, _ovl605, _ovl606, _ovl607, _ovl609, _ovl610, _ovl611,
             _ovl612, _ovl614, _ovl615):
     scenario()(_fn)
 

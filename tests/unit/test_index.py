@@ -272,7 +272,23 @@ def test_broken_hardlink_between_upper_and_entry(run):
     r.orphan_entry("k", text="k changed\n", nlink=b"U-1")
     code, doc = r.check("-n")
     assert code == 4 and r.codes(doc) == [("OVL604", "work", "index/" + r.name("k"))]
-    assert r.check("-p")[0] == 1  # nothing visible uses the copy: preen-safe
+    assert "hard-link upper 'k'" in doc["problems"][0]["action"]
+    assert r.check("-p")[0] == 1  # an identical copy: linked again, preen-safe
+    assert os.path.samestat(os.lstat(entry), os.lstat(r.path("upper", "k")))
+    quarantined = [os.path.join(d, f) for d, _, fs in os.walk(r.path("work", "ovlfsck/quarantine")) for f in fs]
+    assert [open(q).read() for q in quarantined] == ["k changed\n"]  # the separate copy is kept
+    assert r.check("-n")[0] == 0
+
+
+def test_broken_hardlink_with_a_differing_copy_is_only_quarantined(run):
+    r = run("[lower:0]\nfile k text=k\n[upper]\nxattr . impure=y\nfile k text=k changed\n", "index=on,nfs_export=on")
+    entry = r.link_up("k", "k", nlink=b"U-1")
+    os.unlink(entry)
+    r.orphan_entry("k", text="k other\n", nlink=b"U-1")
+    code, doc = r.check("-n")
+    assert r.codes(doc) == [("OVL604", "work", "index/" + r.name("k"))]
+    assert "hard-link" not in doc["problems"][0]["action"]
+    assert r.check("-p")[0] == 1
     assert not os.path.lexists(entry) and os.path.exists(r.path("upper", "k"))
     assert r.check("-n")[0] == 0
 
@@ -281,7 +297,7 @@ def test_broken_hardlink_serving_lower_aliases_needs_a_decision(run):
     r = run(HARDLINKS)
     entry = r.link_up("p", "p", nlink=b"U+1")
     os.unlink(entry)
-    r.orphan_entry("p", text="p changed\n", nlink=b"U+1")
+    r.orphan_entry("p", text="p other\n", nlink=b"U+1")  # not what the upper alias holds
     code, doc = r.check("-n")
     assert r.codes(doc) == [("OVL604", "work", "index/" + r.name("p"))]
     assert "'q'" in doc["problems"][0]["message"]

@@ -297,13 +297,42 @@ def test_wrong_file_type(run):
 
 
 @root_only
-def test_stale_uuid_is_a_warning_never_preened(run):
-    r = run("[lower:0]\nfile f text=f\n[upper]\nfile f text=g\n")
-    h = bytearray(r.handle("lower:0", "f"))
+def test_stale_uuid_is_rewritten_from_the_file_at_the_same_path(run):
+    """Another filesystem's uuid: the layers were copied; the lower file at the same path,
+    of the same type, is what it must name now (OVL520); -p leaves a path-derived target."""
+    r = run("[lower:0]\nfile f text=f\nfile other text=o\n[upper]\nfile f text=g\n")
+    h = bytearray(r.handle("lower:0", "other"))
+    h[5:21] = bytes.fromhex("0c3664b7ffbf408182dd84ed33ee52e0")
+    xattr.set(r.path("upper", "f"), OR, bytes(h), nofollow=True)
+    code, doc = r.check("-n")
+    assert code == 4 and r.codes(doc) == [("OVL520", "upper", "f")]
+    p = r.problem(doc, "OVL520")
+    assert "lower:0:'f'" in p["message"] and "the lower file at the same path" in p["message"]
+    assert r.check("-p")[0] == 4 and r.origin("upper", "f") == bytes(h)
+    assert r.check("-y")[0] == 1 and r.origin("upper", "f") == r.handle("lower:0", "f")
+    assert r.check("-n")[0] == 0
+
+
+@root_only
+def test_stale_uuid_with_another_type_at_the_same_path_is_not_rewritten(run):
+    r = run("[lower:0]\ndir f\nfile other text=o\n[upper]\nfile f text=g\n")
+    h = bytearray(r.handle("lower:0", "other"))
     h[5:21] = bytes.fromhex("0c3664b7ffbf408182dd84ed33ee52e0")
     xattr.set(r.path("upper", "f"), OR, bytes(h), nofollow=True)
     code, doc = r.check("-n")
     assert code == 0 and r.codes(doc) == [("OVL504", "upper", "f")]
+    assert "not rewritten" in r.problem(doc, "OVL504")["message"]
+
+
+@root_only
+def test_stale_uuid_is_a_warning_never_preened(run):
+    r = run("[lower:0]\nfile other text=f\n[upper]\nfile f text=g\n")
+    h = bytearray(r.handle("lower:0", "other"))
+    h[5:21] = bytes.fromhex("0c3664b7ffbf408182dd84ed33ee52e0")
+    xattr.set(r.path("upper", "f"), OR, bytes(h), nofollow=True)
+    code, doc = r.check("-n")
+    assert code == 0 and r.codes(doc) == [("OVL504", "upper", "f")]
+    assert "there is no lower file at the same path" in r.problem(doc, "OVL504")["message"]
     p = r.problem(doc, "OVL504")
     assert p["severity"] == "warning" and "0c3664b7-ffbf-4081-82dd-84ed33ee52e0" in p["message"]
     assert r.check("-y")[0] == 0 and r.origin("upper", "f") is not None  # warnings are not acted on
@@ -322,9 +351,31 @@ def test_lower_object_gone(run):
 
 
 @root_only
+def test_indexed_hardlink_with_a_stale_origin_and_only_upper_aliases_becomes_plain(run):
+    """The -y fallback: nlink says every alias is in the upper layer, so no lower alias shows
+    the data: origin and nlink go, the index link goes to the quarantine, the data stays."""
+    r = run("[lower:0]\nfile f text=f\nfile tmp text=t\n[upper]\nfile f text=g\n"
+            "xattr f origin=@lower:0:tmp\nxattr f nlink=U-1\n", options="index=on")
+    index = os.path.join(r.path("work"), "index")
+    os.makedirs(index, exist_ok=True)
+    entry = os.path.join(index, handles.decode(r.origin("upper", "f")).index_name())
+    os.link(r.path("upper", "f"), entry)
+    os.unlink(r.path("lower:0", "tmp"))
+    code, doc = r.check("-n")
+    assert code == 4 and ("OVL505", "upper", "f") in r.codes(doc)
+    p = r.problem(doc, "OVL505")
+    assert "plain upper file" in p["action"] and "no record" in p["message"]
+    assert r.check("-p")[0] == 4  # never under -p
+    code, doc = r.check("-y")
+    assert code & 1 and r.origin("upper", "f") is None and not os.path.lexists(entry)
+    assert open(r.path("upper", "f")).read() == "g\n"
+    assert r.check("-n")[0] == 0
+
+
+@root_only
 def test_indexed_hardlink_with_a_stale_origin_has_no_automatic_fix(run):
     r = run("[lower:0]\nfile f text=f\nfile tmp text=t\n[upper]\nfile f text=g\n"
-            "xattr f origin=@lower:0:tmp\nxattr f nlink=U+0\n", options="index=on")
+            "xattr f origin=@lower:0:tmp\nxattr f nlink=U+1\n", options="index=on")
     os.unlink(r.path("lower:0", "tmp"))
     code, doc = r.check("-y")
     assert code == 4 and r.codes(doc) == [("OVL505", "upper", "f")]
@@ -341,6 +392,13 @@ def test_origin_outside_the_layers(run, tmp_path):
     (outside / "o").write_text("o")
     r = run("[lower:0]\nfile f text=f\n[upper]\nfile f text=g\n")
     xattr.set(r.path("upper", "f"), OR, _fh(str(outside / "o")).encode(), nofollow=True)
+    code, doc = r.check("-n")
+    # Outside the layers (a copy within one filesystem): the file at the same path is the copy.
+    assert code == 4 and r.codes(doc) == [("OVL520", "upper", "f")]
+    assert r.check("-y")[0] == 1 and r.origin("upper", "f") == r.handle("lower:0", "f")
+    # With nothing of that name beneath, it is reported, never guessed.
+    xattr.set(r.path("upper", "f"), OR, _fh(str(outside / "o")).encode(), nofollow=True)
+    os.unlink(r.path("lower:0", "f"))
     code, doc = r.check("-n")
     assert code == 0 and r.codes(doc) == [("OVL506", "upper", "f")]
     assert r.check("-y", "--severity", "OVL506=error")[0] == 1 and r.origin("upper", "f") is None
@@ -493,7 +551,8 @@ def test_null_uuid_handles_mean_uuid_off(run, monkeypatch):
     code, doc = r.check("-n")
     assert code == 0 and doc["problems"] == []
     r.opts = r.opts.replace("uuid=off", "uuid=on")
-    assert r.codes(r.check("-n")[1]) == [("OVL504", "upper", "f"), ("OVL508", "upper", "d")]
+    # uuid=on: a null uuid is no lower filesystem's, as after a copy: rewritten from the paths.
+    assert r.codes(r.check("-n")[1]) == [("OVL520", "upper", "d"), ("OVL520", "upper", "f")]
 
 
 @root_only
@@ -614,6 +673,7 @@ def test_copied_layer_sets_are_reported_stale(tmp_path):
         (src / "lower/d/a").write_text("a\n")
         (src / "lower/f").write_text("f\n")
         (src / "lower/single").write_text("s\n")
+        (src / "lower/ren").write_text("r\n")
         os.link(src / "lower/f", src / "lower/hl")
         mnt = tmp_path / "mnt"
         mnt.mkdir()
@@ -623,6 +683,9 @@ def test_copied_layer_sets_are_reported_stale(tmp_path):
             with open(os.path.join(m, "f"), "a") as fh:
                 fh.write("more\n")
             os.chmod(os.path.join(m, "single"), 0o600)
+            with open(os.path.join(m, "ren"), "a") as fh:  # copied up, then renamed
+                fh.write("more\n")
+            os.rename(os.path.join(m, "ren"), os.path.join(m, "moved"))
         rc, doc = kutil.check_json(kutil.stack_args([src / "lower"], src / "upper", src / "work", opts))
         assert rc == 0 and doc["problems"] == [], kutil.format_report(doc)
 
@@ -644,16 +707,27 @@ def test_copied_layer_sets_are_reported_stale(tmp_path):
             assert rc == 4, report
             assert ("OVL509", "") in got, report
             assert ("OVL507", "d") in got, report
-            assert ("OVL505", "d/a") in got and ("OVL505", "f") in got, report
-            stale_single = "OVL506" if where == "cp -a" else "OVL504"
-            assert (stale_single, "single") in got or ("OVL505", "single") in got, report
+            # Every copied-up file has its lower file at the same path: rewritten from it.
+            assert {("OVL520", "d/a"), ("OVL520", "f"), ("OVL520", "single")} <= got, report
+            # Renamed after its copy-up: nothing at its own path. Within one filesystem the
+            # original it names tells its path; on another one only a record could.
+            if where == "cp -a":
+                moved = [p for p in doc["problems"] if (p["code"], p["path"]) == ("OVL520", "moved")]
+                assert moved and "lower:0:'ren'" in moved[0]["message"] and "original" in moved[0]["message"], report
+            else:
+                assert ("OVL505", "moved") in got, report
             root = [p for p in doc["problems"] if p["code"] == "OVL509"][0]
             assert ("copied" in root["message"]), report
             # Nothing is preened away: the root's re-encode waits for a decision.
             p = kutil.run_ovlfsck("check", "-p", "--json", *args)
             doc = json.loads(p.stdout)
-            assert not any(p["fixed"] for p in doc["problems"] if p["code"] in ("OVL509", "OVL505", "OVL504", "OVL506")), \
+            assert not any(p["fixed"] for p in doc["problems"] if p["code"] in ("OVL509", "OVL520")), \
                 kutil.format_report(doc)
+            # -y rewrites every handle from the paths; the copy is then clean.
+            p = kutil.run_ovlfsck("check", "-y", "--json", *args)
+            assert p.returncode == 1, p.stdout[-3000:]
+            rc, doc = kutil.check_json(args)
+            assert rc == 0 and doc["problems"] == [], kutil.format_report(doc)
 
 
 @root_only
