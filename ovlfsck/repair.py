@@ -50,7 +50,7 @@ from ovlfsck.stack import Layer, Role, Stack
 
 __all__ = [
     "JOURNAL_FORMAT", "Journal", "MakeDir", "MakeWhiteout", "Operation", "Quarantine",
-    "RemoveXattr", "Rename", "SetXattr", "UndoReport", "UnsafePathError", "default_state_dir",
+    "RemoveXattr", "Rename", "SetXattr", "Link", "UndoReport", "UnsafePathError", "default_state_dir",
     "split_relpath", "undo",
 ]
 
@@ -241,7 +241,26 @@ class Rename:
         return f"rename to {self.new_relpath}"
 
 
-Operation = Union[SetXattr, RemoveXattr, Quarantine, MakeWhiteout, MakeDir, Rename]
+@dataclass(frozen=True)
+class Link:
+    """Make `relpath` (of `layer`) a new hard link of the existing non-directory
+    `src_relpath` of `src_layer` (on the same filesystem); nothing may exist at `relpath`.
+    Used to tie an index entry to its upper alias again (the kernel's upper<->index link)."""
+
+    layer: Layer
+    relpath: str
+    src_layer: Layer
+    src_relpath: str
+
+    def __post_init__(self) -> None:
+        if not split_relpath(self.relpath) or not split_relpath(self.src_relpath):
+            raise UnsafePathError("a layer root cannot be linked")
+
+    def describe(self) -> str:
+        return f"hard-link {self.src_layer.name}:{self.src_relpath} here"
+
+
+Operation = Union[SetXattr, RemoveXattr, Quarantine, MakeWhiteout, MakeDir, Rename, Link]
 
 _KIND = {
     SetXattr: "set_xattr",
@@ -250,6 +269,7 @@ _KIND = {
     MakeWhiteout: "make_whiteout",
     MakeDir: "make_dir",
     Rename: "rename",
+    Link: "link",
 }
 
 
@@ -903,6 +923,31 @@ class Journal:
                 _fsync(loc.dirfd)
         return rec, act
 
+    def _plan_link(self, op: Link, loc: "_Resolved"):
+        loc.require_absent()
+        src_layer = self._check_layer(op.src_layer)
+        src_comps = split_relpath(op.src_relpath)
+        self._check_not_state(src_layer, src_comps, False)
+        with _Resolved(src_layer, src_comps, self._root_ident(src_layer)) as src:
+            src_dirfd = os.dup(src.dirfd)
+        loc.adopt(src_dirfd)
+        src_name = src_comps[-1]
+        sst = _lstat(src_dirfd, src_name)
+        if sst is None:
+            raise OperationalError(f"{_show(src_layer.name, op.src_relpath)}: no such file")
+        if stat.S_ISDIR(sst.st_mode):
+            raise OperationalError(f"{_show(src_layer.name, op.src_relpath)}: a directory cannot be hard-linked")
+        rec = {"src_layer": src_layer.name, "src_path": op.src_relpath, "target": _ident(sst)}
+
+        def act(_rec):
+            now = _lstat(src_dirfd, src_name)
+            if not _same_ident(now, rec["target"]):
+                raise OperationalError(f"{_show(src_layer.name, op.src_relpath)}: changed before the link was made")
+            os.link(src_name, loc.name, src_dir_fd=src_dirfd, dst_dir_fd=loc.dirfd,
+                    follow_symlinks=False)
+            _fsync(loc.dirfd)
+        return rec, act
+
     def _plan_quarantine(self, op: Quarantine, loc: "_Resolved"):
         st = loc.stat_existing()
         meta = _meta(loc.dirfd, loc.name, st)
@@ -1443,6 +1488,20 @@ class _Undoer:
             return "nothing to do: it was never renamed"
         raise _StepRefused(f"neither {rec['new_path']} nor the original name holds the renamed "
                            "object alone")
+
+    # -- link
+    def _undo_link(self, step, rec, loc, prefix):
+        st = loc.lstat()
+        if st is None:
+            return "nothing to do: no link there"
+        if not _same_ident(st, rec["target"]):
+            raise _StepRefused("the object there is not the one ovlfsck linked")
+        if st.st_nlink < 2:
+            raise _StepRefused("it is the object's only link now; leaving it")
+        if not self.dry_run:
+            os.unlink(loc.name, dir_fd=loc.dirfd)
+            _fsync(loc.dirfd)
+        return f"{prefix}remove the hard link it made"
 
     # -- quarantine
     def _qdir(self, rec: dict, create: bool = False) -> tuple[int, str]:

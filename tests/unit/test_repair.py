@@ -20,6 +20,7 @@ from ovlfsck import repair
 from ovlfsck.errors import ExitCode, OperationalError
 from ovlfsck.repair import (
     Journal,
+    Link,
     MakeDir,
     MakeWhiteout,
     Quarantine,
@@ -199,6 +200,9 @@ def _ops(e: Env):
         "rename-file": Rename(up, "file", "dir/sub/moved"),
         "rename-dir": Rename(up, "dir", "renamed"),
         "rename-index": Rename(work, "index/#54", "index/00fb1d"),
+        "link-index": Link(work, "index/00fb1e", up, "file"),
+        "link-symlink": Link(work, "index/00fb1f", up, "dir/link"),
+        "link-fifo": Link(up, "dir/fifo2", up, "dir/fifo"),
     }
 
 
@@ -370,7 +374,7 @@ def test_double_undo_is_refused(env):
 def test_dry_run_changes_nothing(env):
     with Journal.create(env.stack) as j:
         for op in _ops(env).values():
-            if not isinstance(op, Rename) and op.relpath not in ("dir", "index/#54"):
+            if not isinstance(op, (Rename, Link)) and op.relpath not in ("dir", "index/#54"):
                 j.apply(op)
     after = env.snap()
     journal_bytes = open(j.path, "rb").read()
@@ -886,3 +890,26 @@ def test_rename_never_replaces_an_existing_target(tmp_path, monkeypatch, syscall
         assert (tmp_path / "c").read_text() == "a" and not (tmp_path / "a").exists()
     finally:
         os.close(fd)
+
+
+def test_link_ties_an_index_entry_to_its_upper_file_and_refuses_the_rest(env):
+    up, work = env.stack.upper, env.stack.work
+    with Journal.create(env.stack) as j:
+        j.apply(Link(work, "index/00fb1e", up, "file"))
+        assert os.path.samestat(os.lstat(env.u("file")), os.lstat(os.path.join(env.work, "index/00fb1e")))
+        j.apply(Link(work, "index/00fb1f", up, "dir/link"))  # the symlink itself, never its target
+        assert os.path.samestat(os.lstat(env.u("dir/link")), os.lstat(os.path.join(env.work, "index/00fb1f")))
+        with pytest.raises(OperationalError, match="already exists"):
+            j.apply(Link(work, "index/00fb1e", up, "dir/fifo"))
+        with pytest.raises(OperationalError, match="directory"):
+            j.apply(Link(work, "index/00fb20", up, "dir/sub"))
+        with pytest.raises(OperationalError, match="no such"):
+            j.apply(Link(work, "index/00fb21", up, "nothing"))
+        with pytest.raises(UnsafePathError):
+            Link(work, "index/x", up, "../outside")
+    # undo refuses to remove what became the only link
+    os.unlink(env.u("file"))
+    lines = undo(j.path, env.stack)
+    assert any("only link" in line and "refused" in line for line in lines), lines
+    assert os.path.exists(os.path.join(env.work, "index/00fb1e"))
+    assert not os.path.lexists(os.path.join(env.work, "index/00fb1f"))
