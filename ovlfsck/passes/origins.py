@@ -50,6 +50,7 @@ class _Pending:
     decoded: handles.Decoded
     indexed: bool
     lower: Optional[Member] = None  # the object at the same path beneath
+    metacopy: bool = False
 
 
 @dataclass(slots=True)
@@ -396,6 +397,12 @@ def _check_entry(ctx: CheckContext, st: _State, visit: DirVisit, i: int, name: s
                 _claim(st, fh, relpath, entry, True, indexed)
             return
     res = _resolve(ctx, st, layer, fh)
+    # A metacopy file's data is the lower file its path (or redirect) leads to.
+    mc_lower = lower if (metacopy and "redirect" not in xattrs) else None
+    if metacopy and res.kind == "nouuid" and upper:
+        st.stale += 1
+        _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail, mc_lower)
+        return  # not rewritten: the metacopy pass reports the origin that does not verify
     if res.kind == "unknown" or (metacopy and res.kind != "found"):
         return
     if res.kind in ("nouuid", "gone"):
@@ -426,6 +433,9 @@ def _check_entry(ctx: CheckContext, st: _State, visit: DirVisit, i: int, name: s
             _remove(ctx, "OVL510", layer, relpath, detail, preen=False)
         return
     if metacopy:
+        if res.where is None and upper:
+            # Decodes outside the layers, or where is not known yet: after the walk.
+            st.pending.append(_Pending(layer, relpath, entry, fh, dec, indexed, mc_lower, True))
         return
     if is_dir:
         # A directory that merges with nothing: its origin is never used. Only an origin
@@ -900,9 +910,13 @@ def _finish_pending(ctx: CheckContext, st: _State) -> None:
                                       p.lower, _at_original_path(ctx, st, p.decoded, mode))
                 if done:
                     continue
+            if p.metacopy:
+                continue  # the metacopy pass reports an origin that is not its data's
             _outside(ctx, p.layer, p.relpath, p.indexed, detail, False, why=why)
             continue
         st.verified += 1
+        if p.metacopy:
+            continue
         if not p.layer.is_upper or p.indexed or p.decoded.st.st_nlink != 1:
             continue  # st_ino comes from the origin only for nlink 1 or indexed files
         # Renamed after copy-up: fine if the overlay does not show the origin elsewhere.
@@ -912,6 +926,11 @@ def _finish_pending(ctx: CheckContext, st: _State) -> None:
             continue
         top = chain.members[0]
         if top.layer == lay and top.relpath == rel:
+            try:
+                if "origin" not in ctx.xa.read_all(p.entry.path):
+                    continue  # removed through a hard link by another fix of this round
+            except OSError:
+                continue
             ctx.fix(Finding(
                 BY_CODE["OVL514"], p.layer, p.relpath,
                 f"its origin is {lay.name}:{quoted(rel)}, which the overlay still shows at "
@@ -946,17 +965,19 @@ def _finish_claims(ctx: CheckContext, st: _State) -> None:
         for g in ordered:
             if g is keeper:
                 continue
-            for c in sorted(g, key=lambda c: os.fsencode(c.relpath)):
-                st.stale += 1
-                ctx.fix(Finding(
-                    BY_CODE["OVL514"], upper, c.relpath,
-                    f"{quoted(c.relpath)} and {quoted(keep_path)} (not hard links) carry the same "
-                    f"origin ({_shown_where(res)}): both map to one overlay inode and the second "
-                    f"lookup fails: failed to get inode (-116), ESTALE; {why}",
-                    ops=(RemoveXattr(upper, c.relpath, ctx.xname("origin")),),
-                    action="remove the origin xattr (st_ino becomes the upper inode's)",
-                    preen_ok=preen,
-                ))
+            # One finding per upper inode: its hard links share the xattr.
+            paths = sorted((c.relpath for c in g), key=os.fsencode)
+            also = f" (and its hard links {', '.join(quoted(p) for p in paths[1:])})" if len(paths) > 1 else ""
+            st.stale += 1
+            ctx.fix(Finding(
+                BY_CODE["OVL514"], upper, paths[0],
+                f"{quoted(paths[0])}{also} and {quoted(keep_path)} (not hard links) carry the same "
+                f"origin ({_shown_where(res)}): both map to one overlay inode and the second "
+                f"lookup fails: failed to get inode (-116), ESTALE; {why}",
+                ops=(RemoveXattr(upper, paths[0], ctx.xname("origin")),),
+                action="remove the origin xattr (st_ino becomes the upper inode's)",
+                preen_ok=preen,
+            ))
 
 
 # --------------------------------------------------------------------------- mount-time checks
