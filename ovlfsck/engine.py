@@ -216,9 +216,12 @@ class CheckContext:
 
     def xattrs_of(self, layer: Layer, relpath: str, entry) -> dict[str, bytes]:
         """An entry's overlay xattrs, re-read if a fix of this run touched it."""
-        if (layer.name, relpath) in self.changed:
+        if self.changed and (layer.name, relpath) in self.changed:
             return self.xa.read_all(entry.path)
-        return entry.xattrs(self.xa)
+        x = entry._xattrs  # fsio.Entry's cache: most entries were read (or prefetched) already
+        if x is None:
+            x = entry.xattrs(self.xa)
+        return x
 
     def operational(self, message: str) -> None:
         self.result.errors.append(message)
@@ -386,7 +389,9 @@ def run(
             ctx.fix(Finding(BY_CODE["OVL901"], layer, relpath, f"cannot list: {exc.strerror}"))
             result.errors.append(f"{layer.name}:{relpath or '.'}: {exc.strerror}")
 
-        walker = Walker(stack, ctx.xa, on_error)
+        # The prefetch child reads ahead only for runs that write nothing: a fix would make
+        # what it read stale.
+        walker = Walker(stack, ctx.xa, on_error, prefetch=policy.mode is Mode.NO)
         ctx.walker = walker
         ctx.changed_round = set()
         ctx.last_round = round_no == max_rounds - 1
@@ -402,6 +407,7 @@ def run(
                     bar.total = n + walker.pending_dirs
                     bar.update(1)
         finally:
+            walker.close()
             if bar is not None:
                 bar.close()
         for p in PASSES:

@@ -2,15 +2,27 @@
 
 This module only reads. Writes go through `repair.Journal`, which the engine hands to
 nobody under `-n`, so a `-n` run cannot change anything by construction.
+
+Cost model (docs/performance.md): one `scandir` per directory gives every entry's type
+(d_type) and inode number (d_ino) without a syscall per entry; `lstat` is made only where
+d_type cannot tell (character devices: a whiteout is 0/0; other special files; filesystems
+without d_type) or where a caller asks for more than d_type and d_ino say; xattrs are read
+on first use, once per entry, unless the prefetch process (`Prefetcher`, `check -n` of a
+large layer set) already read them on the other core.
 """
 from __future__ import annotations
 
 import enum
 import errno
+import fcntl
+import marshal
 import os
+import select
 import stat
-from dataclasses import dataclass
-from typing import Iterator, Optional
+import struct
+import sys
+from types import MappingProxyType
+from typing import Iterator, Mapping, Optional
 
 import xattr as _xattr
 
@@ -38,6 +50,13 @@ _MODE_KIND = {
     stat.S_IFSOCK: Kind.SOCK,
 }
 
+# Module-level names: `Kind.DIR` is an attribute lookup on the enum class at every use.
+_DIR = Kind.DIR
+_REG = Kind.REG
+_LNK = Kind.LNK
+_CHR = Kind.CHR
+_GONE = Kind.GONE
+
 
 def kind_of_mode(mode: int) -> Kind:
     return _MODE_KIND.get(stat.S_IFMT(mode), Kind.GONE)
@@ -55,6 +74,8 @@ class Xattrs:
         self.prefix = f"{namespace}.overlay."
         self._escaped = self.prefix + "overlay."
         self._prefix_b = self.prefix.encode()
+        self._escaped_b = self._escaped.encode()
+        self._suffixes: dict[str, str] = {}
 
     def name(self, suffix: str) -> str:
         return self.prefix + suffix
@@ -66,14 +87,28 @@ class Xattrs:
         except OSError as exc:
             return self._handle(exc, path, {})
         out: dict[str, bytes] = {}
+        if not names:
+            return out
+        prefix_b = self._prefix_b
         for raw in names:
-            name = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
-            if not name.startswith(self.prefix) or name.startswith(self._escaped):
-                continue
+            if isinstance(raw, bytes):
+                if not raw.startswith(prefix_b) or raw.startswith(self._escaped_b):
+                    continue
+                name = raw.decode("utf-8", "surrogateescape")
+            else:
+                name = raw
+                if not name.startswith(self.prefix) or name.startswith(self._escaped):
+                    continue
             try:
-                out[name[len(self.prefix) :]] = _xattr.get(path, name, nofollow=True)
+                value = _xattr.get(path, name, nofollow=True)
             except OSError as exc:
                 self._handle(exc, path, None)
+                continue
+            suffix = self._suffixes.get(name)
+            if suffix is None:
+                # One str object per suffix, not one per entry (memory of pending entries).
+                suffix = self._suffixes[name] = sys.intern(name[len(self.prefix):])
+            out[suffix] = value
         return out
 
     def get(self, path: str, suffix: str) -> Optional[bytes]:
@@ -95,75 +130,263 @@ class Xattrs:
         raise OperationalError(f"{path}: cannot read xattrs: {exc.strerror}") from exc
 
 
-@dataclass
-class Entry:
-    """One directory entry of one layer, with lazily read stat and xattrs."""
+# The xattrs of an entry known to have no overlay xattrs (shared, read-only).
+NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
 
-    name: str
-    path: str  # absolute path on the host
-    kind: Optional[Kind]  # None until known (d_type said "other")
-    _stat: Optional[os.stat_result] = None
-    _xattrs: Optional[dict[str, bytes]] = None
+
+class Listing(dict):
+    """A layer directory's entries, {name: Entry} in byte order of the names.
+
+    `special`: when known (a listing from the prefetch child), the names (in byte order)
+    of the entries that are not plain: anything but a regular file, directory or symlink,
+    or an entry with overlay xattrs (or whose xattrs are not known yet). Passes that look
+    only at such entries (whiteouts, stray xattrs) iterate `special_items()`; None: every
+    entry may be special. `dirs`, when known: the names of the d_type directories."""
+
+    __slots__ = ("special", "dirs")
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.special: Optional[list[str]] = None
+        self.dirs: Optional[list[str]] = None  # when known: the names of the directories
+
+
+def special_items(listing: dict[str, Entry]):
+    """The (name, entry) pairs of `listing` that may be special (see Listing), in order."""
+    special = getattr(listing, "special", None)
+    if special is None:
+        return listing.items()
+    return [(name, listing[name]) for name in special]
+
+
+class ReaddirStat:
+    """What `Entry.lstat()` gives for a non-directory read from a directory whose
+    filesystem keeps d_ino == st_ino (ext4, xfs, tmpfs, ...; see `DevInfo`): `st_ino` (d_ino)
+    and `st_dev` (the directory's) without a syscall; any other field makes the real
+    `lstat` on first use (Entry.real_lstat, cached in the entry, which then gives it from
+    lstat(); its OSError, e.g. FileNotFoundError, is raised then)."""
+
+    __slots__ = ("st_ino", "st_dev", "_entry")
+
+    def __init__(self, ino: int, dev: int, entry: "Entry") -> None:
+        self.st_ino = ino
+        self.st_dev = dev
+        self._entry = entry
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "_entry":
+            raise AttributeError(name)
+        return getattr(self._entry.real_lstat(), name)
+
+    @property
+    def _real(self) -> Optional[os.stat_result]:
+        """The real stat, if it was read (for tests and debugging)."""
+        return self._entry._stat
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"ReaddirStat(st_ino={self.st_ino}, st_dev={self.st_dev}, path={self._entry.path!r})"
+
+
+class DirPrefix(str):
+    """A directory's path with a trailing slash, shared by the Entries of its listing (each
+    makes its own path only when asked: most never are)."""
+
+    __slots__ = ()
+
+
+class Entry:
+    """One directory entry of one layer, with lazily read stat and xattrs.
+
+    `kind` is None only until known (an entry made without a type); `ino` is d_ino when the
+    entry is a non-directory from a scandir; `dev` is its directory's st_dev when that
+    filesystem's d_ino can stand in for st_ino (then `lstat()` needs no syscall for
+    st_ino/st_dev; directories always get a real lstat: a mount point's differ). `path` is
+    the host path; entries of a listing keep only their directory's (shared) prefix and
+    make it on use.
+    """
+
+    __slots__ = ("name", "_path", "kind", "_stat", "_xattrs", "ino", "dev")
+
+    def __init__(self, name: str, path: Optional[str], kind: Optional[Kind],
+                 _stat: Optional[os.stat_result] = None,
+                 _xattrs: Optional[dict[str, bytes]] = None,
+                 ino: Optional[int] = None, dev: Optional[int] = None,
+                 _dir: Optional["DirPrefix"] = None) -> None:
+        self.name = name
+        # The host path, or (an entry of a listing) its directory's shared DirPrefix.
+        self._path = path if _dir is None else _dir
+        self.kind = kind
+        self._stat = _stat
+        self._xattrs = _xattrs
+        self.ino = ino
+        self.dev = dev
+
+    @property
+    def path(self) -> str:
+        path = self._path
+        if type(path) is DirPrefix:
+            return path + self.name
+        return path
+
+    def __repr__(self) -> str:
+        kind = self.kind.name if self.kind is not None else None
+        return f"Entry(name={self.name!r}, path={self.path!r}, kind={kind})"
 
     def lstat(self) -> os.stat_result:
-        if self._stat is None:
-            self._stat = os.lstat(self.path)
-        return self._stat
+        st = self._stat
+        if st is None:
+            if self.dev is not None and self.ino is not None and self.kind is not _DIR:
+                # Not kept in the entry (no reference cycle): cheap to make again.
+                return ReaddirStat(self.ino, self.dev, self)
+            st = self._stat = os.lstat(self.path)
+        return st
+
+    def real_lstat(self) -> os.stat_result:
+        """A real lstat (every field), cached."""
+        st = self._stat
+        if st is None:
+            st = self._stat = os.lstat(self.path)
+        return st
 
     def get_kind(self) -> Kind:
-        if self.kind is None:
+        kind = self.kind
+        if kind is None:
             try:
-                self.kind = kind_of_mode(self.lstat().st_mode)
-            except FileNotFoundError:
-                self.kind = Kind.GONE
-        return self.kind
+                kind = kind_of_mode(self.real_lstat().st_mode)
+            except (FileNotFoundError, NotADirectoryError):
+                kind = _GONE
+            self.kind = kind
+        return kind
 
     @property
     def is_dir(self) -> bool:
-        return self.get_kind() is Kind.DIR
+        kind = self.kind
+        if kind is None:
+            kind = self.get_kind()
+        return kind is _DIR
 
     def xattrs(self, xa: Xattrs) -> dict[str, bytes]:
-        if self._xattrs is None:
-            self._xattrs = xa.read_all(self.path)
-        return self._xattrs
+        x = self._xattrs
+        if x is None:
+            x = self._xattrs = xa.read_all(self.path)
+        return x
 
     def is_chr_whiteout(self) -> bool:
         """A 0/0 character device of any mode (IS_WHITEOUT in the kernel)."""
-        if self.get_kind() is not Kind.CHR:
+        kind = self.kind
+        if kind is None:
+            kind = self.get_kind()
+        if kind is not _CHR:
             return False
         try:
-            return self.lstat().st_rdev == 0
+            return self.real_lstat().st_rdev == 0
         except (FileNotFoundError, NotADirectoryError):
             return False
 
     def is_xwhiteout(self, xa: Xattrs) -> bool:
         """A zero-size regular file carrying the `whiteout` xattr (kernel >= 6.7)."""
-        if self.get_kind() is not Kind.REG:
+        kind = self.kind
+        if kind is None:
+            kind = self.get_kind()
+        if kind is not _REG:
             return False
-        if "whiteout" not in self.xattrs(xa):
+        x = self._xattrs
+        if x is None:
+            x = self.xattrs(xa)
+        if "whiteout" not in x:
             return False
         try:
-            return self.lstat().st_size == 0
+            return self.real_lstat().st_size == 0
         except (FileNotFoundError, NotADirectoryError):
             return False  # vanished since readdir: nothing to check
 
     def is_whiteout(self, xa: Xattrs) -> bool:
+        kind = self.kind
+        if kind is _DIR or kind is _LNK:
+            return False
+        if kind is _REG:
+            x = self._xattrs
+            if x is not None and not x:
+                return False
+            return self.is_xwhiteout(xa)
         return self.is_chr_whiteout() or self.is_xwhiteout(xa)
 
 
-def scan(path: str) -> Iterator[Entry]:
-    """One scandir of a layer directory; d_type gives dir/file/symlink without a stat."""
+# --------------------------------------------------------------------------- listing
+
+
+def _kind_of(de: os.DirEntry) -> tuple[Optional[Kind], Optional[os.stat_result]]:
+    """d_type gives dir/file/symlink without a stat; anything else (a whiteout is a
+    character device, and some filesystems give no d_type) is lstat'ed now."""
+    try:
+        if de.is_file(follow_symlinks=False):
+            return _REG, None
+        if de.is_dir(follow_symlinks=False):
+            return _DIR, None
+        if de.is_symlink():
+            return _LNK, None
+    except OSError:
+        pass
+    try:
+        st = de.stat(follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return _GONE, None
+    except OSError:
+        return None, None
+    return kind_of_mode(st.st_mode), st
+
+
+def scan(path: str, dev: Optional[int] = None, mountpoints: Optional[frozenset] = None) -> Iterator[Entry]:
+    """One scandir of a layer directory, in directory order.
+
+    `dev`: the directory's st_dev, given only when its filesystem keeps d_ino == st_ino
+    (DevInfo.trusted); then non-directories answer st_ino/st_dev without a syscall, except
+    those in `mountpoints` (a bind-mounted file: lstat crosses the mount)."""
+    prefix = DirPrefix(path if path.endswith("/") else path + "/")
     with os.scandir(path) as it:
         for de in it:
-            if de.is_dir(follow_symlinks=False):
-                kind: Optional[Kind] = Kind.DIR
+            name = de.name
+            if de.is_file(follow_symlinks=False):
+                kind: Optional[Kind] = _REG
+                st = None
+            elif de.is_dir(follow_symlinks=False):
+                kind, st = _DIR, None
             elif de.is_symlink():
-                kind = Kind.LNK
-            elif de.is_file(follow_symlinks=False):
-                kind = Kind.REG
+                kind, st = _LNK, None
             else:
-                kind = None
-            yield Entry(de.name, de.path, kind)
+                kind, st = _kind_of(de)
+            edev = dev
+            if mountpoints and prefix + name in mountpoints:
+                edev = None
+            yield Entry(name, None, kind, st, None, de.inode() if kind is not _DIR else None, edev,
+                        prefix)
+
+
+def _fskey(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def sort_names(names) -> list[str]:
+    """Names in byte order (the order of their file-system encoding)."""
+    names = list(names)
+    # For text without surrogate escapes, code point order is UTF-8 byte order.
+    if all(map(str.isascii, names)):
+        names.sort()
+    else:
+        names.sort(key=_fskey)
+    return names
+
+
+def scan_sorted(path: str, dev: Optional[int] = None,
+                mountpoints: Optional[frozenset] = None) -> "Listing":
+    """`scan`, as {name: Entry} in byte order of the names."""
+    entries = {e.name: e for e in scan(path, dev, mountpoints)}
+    names = list(entries)
+    if all(map(str.isascii, names)):
+        names.sort()
+    else:
+        names.sort(key=_fskey)
+    return Listing({n: entries[n] for n in names})
 
 
 def lstat_entry(path: str) -> Optional[Entry]:
@@ -173,6 +396,388 @@ def lstat_entry(path: str) -> Optional[Entry]:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return Entry(os.path.basename(path), path, kind_of_mode(st.st_mode), st)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+# Filesystems whose readdir d_ino is the inode's st_ino for every entry (no inode number
+# translation, no per-subvolume devices): statfs magic names as in /proc/self/mountinfo.
+DINO_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "tmpfs", "f2fs", "jfs"})
+
+
+def _unescape_mount(field: str) -> str:
+    if "\\" not in field:
+        return field
+    out = bytearray()
+    raw = field.encode("utf-8", "surrogateescape")
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return bytes(out).decode("utf-8", "surrogateescape")
+
+
+class DevInfo:
+    """Which devices' d_ino can stand in for st_ino, and the mount points inside the layers,
+    from /proc/self/mountinfo (nothing is trusted if it cannot be read)."""
+
+    def __init__(self, roots: list[str], mountinfo: str = "/proc/self/mountinfo") -> None:
+        self.trusted: set[int] = set()
+        inside: set[str] = set()
+        try:
+            with open(mountinfo, encoding="utf-8", errors="surrogateescape") as fh:
+                lines = fh.read().split("\n")
+        except OSError:
+            lines = []
+        prefixes = [r.rstrip("/") + "/" for r in roots]
+        for line in lines:
+            pre, sep, post = line.partition(" - ")
+            fields = pre.split()
+            if not sep or len(fields) < 5:
+                continue
+            fstype = post.split(" ", 1)[0]
+            try:
+                major, minor = (int(x) for x in fields[2].split(":"))
+            except ValueError:
+                continue
+            point = _unescape_mount(fields[4])
+            if fstype in DINO_FILESYSTEMS:
+                self.trusted.add(os.makedev(major, minor))
+            if any(point.startswith(p) for p in prefixes):
+                inside.add(point)
+        self.mountpoints: frozenset = frozenset(inside)
+
+    def dir_dev(self, entry: Entry, parent_dev: Optional[int]) -> Optional[int]:
+        """The trusted st_dev of directory `entry` (None: not trusted / not known)."""
+        st = entry._stat
+        if st is not None:
+            dev = st.st_dev
+        elif self.mountpoints and entry.path in self.mountpoints:
+            try:
+                dev = os.lstat(entry.path).st_dev
+            except OSError:
+                return None
+        else:
+            dev = parent_dev
+        return dev if dev in self.trusted else None
+
+
+# --------------------------------------------------------------------------- prefetch
+
+# The prefetch child: a separate interpreter (`python -I -S -c`, no ovlfsck import) that
+# walks every namespace layer ahead of the walker, in the walker's own order (pre-order,
+# names in byte order, the layers of one relative path one after another), and sends one
+# record per directory: its names in byte order, d_type, d_ino, and the overlay xattrs of
+# every entry (listxattr + getxattr), so that the walker makes none of those syscalls and
+# the I/O of a cold cache overlaps the checks on the second core. It only reads; it never
+# follows a symlink (only d_type directories are entered); on any error it leaves the
+# entry (or the directory) to the walker, which reads it itself and reports what it must.
+_CHILD = r"""
+import marshal, os, struct, sys
+def main():
+    prefix = sys.argv[1]
+    esc = prefix + "overlay."
+    plen = len(prefix)
+    roots = sys.argv[2:]
+    listx, getx, write, intern = os.listxattr, os.getxattr, os.write, sys.intern
+    pack = struct.Struct("<II").pack
+    out = []
+    size = 0
+    def key(n):
+        return n.encode("utf-8", "surrogateescape")
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        subdirs = {}
+        for li, root in enumerate(roots):
+            path = root + "/" + rel if rel else root
+            try:
+                with os.scandir(path) as it:
+                    ents = {de.name: de for de in it}
+            except OSError:
+                continue
+            names = list(ents)
+            if all(map(str.isascii, names)):
+                names.sort()
+            else:
+                names.sort(key=key)
+            kinds = []
+            inos = []
+            xmap = {}
+            unknown = []
+            dirs = []
+            for i, name in enumerate(names):
+                de = ents[name]
+                try:
+                    if de.is_file(follow_symlinks=False):
+                        k = "f"
+                    elif de.is_dir(follow_symlinks=False):
+                        k = "d"
+                        subdirs[name] = None
+                        dirs.append(i)
+                    elif de.is_symlink():
+                        k = "l"
+                    else:
+                        k = "?"
+                    ino = de.inode() if k != "d" else None
+                except OSError:
+                    k, ino = "?", 0
+                kinds.append(k)
+                inos.append(ino)
+                p = de.path
+                try:
+                    xs = listx(p, follow_symlinks=False)
+                except OSError:
+                    unknown.append(i)
+                    continue
+                if xs:
+                    ours = [n for n in xs if n.startswith(prefix) and not n.startswith(esc)]
+                    if ours:
+                        try:
+                            xmap[i] = {intern(n[plen:]): getx(p, n, follow_symlinks=False)
+                                       for n in ours}
+                        except OSError:
+                            unknown.append(i)
+            head = marshal.dumps((li, rel))
+            body = marshal.dumps((names, "".join(kinds), inos, xmap, unknown, dirs))
+            out.append(pack(len(head), len(body)))
+            out.append(head)
+            out.append(body)
+            size += len(head) + len(body) + 8
+            if size >= 32768:
+                write(1, b"".join(out))
+                out.clear()
+                size = 0
+        if rel.count("/") >= 2047:
+            continue
+        names = list(subdirs)
+        if all(map(str.isascii, names)):
+            names.sort(reverse=True)
+        else:
+            names.sort(key=key, reverse=True)
+        base = rel + "/" if rel else ""
+        stack.extend(base + n for n in names)
+    if out:
+        write(1, b"".join(out))
+try:
+    main()
+except (BrokenPipeError, KeyboardInterrupt):
+    pass
+"""
+
+_KIND_CODES = {"f": _REG, "d": _DIR, "l": _LNK}
+_LEN = struct.Struct("<II")
+
+
+def _order_key(relpath: str) -> tuple[bytes, ...]:
+    """The prefetch child's (and the walker's) pre-order position of a relative path."""
+    if not relpath:
+        return ()
+    return tuple(relpath.encode("utf-8", "surrogateescape").split(b"/"))
+
+
+class Prefetcher:
+    """The walker's side of the prefetch child (see _CHILD).
+
+    `listing()` gives a directory's entries with their xattrs already known, or None when
+    the child has no record of it (not reached yet, skipped, or an error there): the walker
+    then lists it itself. Records are kept in a bounded buffer (the oldest dropped first),
+    so memory does not grow with the layers; the child is throttled by the pipe.
+    """
+
+    MAX_BUFFERED = 1 << 18  # bytes of records held, not asked for yet (or kept)
+
+    def __init__(self, proc, layers) -> None:
+        self.proc = proc
+        self.fd = proc.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.index = {id(layer): i for i, layer in enumerate(layers)}
+        self.layers = list(layers)
+        self.buf: dict[tuple[int, str], bytes] = {}
+        self.buffered = 0
+        self.data = bytearray()
+        self.last: Optional[tuple[int, str]] = None  # (layer, relpath) of the last record
+        self.eof = False
+        self.served = 0
+        self.missed = 0
+
+    @classmethod
+    def start(cls, layers, xa: Xattrs) -> Optional["Prefetcher"]:
+        import subprocess
+
+        if not sys.executable:
+            return None
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _CHILD, xa.prefix, *[lay.path for lay in layers]],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                close_fds=True)
+        except OSError:
+            return None
+        try:
+            fcntl.fcntl(proc.stdout.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ
+        except OSError:
+            pass
+        return cls(proc, layers)
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        self.eof = True
+        self.buf.clear()
+        try:
+            proc.kill()
+        except OSError:
+            pass
+        proc.stdout.close()
+        proc.wait()
+
+    # ------------------------------------------------------------------ records
+
+    CHUNK = 1 << 16  # bytes read from the pipe at a time
+
+    def _read(self, block: bool) -> bool:
+        """Read one chunk of what the child sent (waiting for it if `block`) and parse the
+        complete records in it. False if nothing came (nothing yet, or the end)."""
+        if self.eof:
+            return False
+        if block:
+            select.select([self.fd], [], [])
+        try:
+            chunk = os.read(self.fd, self.CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            return False
+        self.data += chunk
+        self._parse()
+        return True
+
+    def _parse(self) -> None:
+        """Complete frames -> the buffer: (layer, relpath) -> the record's marshal bytes,
+        decoded only when asked for (bytes are ~4x smaller than the decoded record)."""
+        data = self.data
+        pos = 0
+        end = len(data)
+        buf = self.buf
+        unpack = _LEN.unpack_from
+        view = memoryview(data)
+        added = 0
+        try:
+            while end - pos >= 8:
+                nhead, nbody = unpack(data, pos)
+                start = pos + 8
+                stop = start + nhead + nbody
+                if stop > end:
+                    break
+                key = marshal.loads(view[start:start + nhead])
+                buf[key] = bytes(view[start + nhead:stop])
+                self.buffered += nbody
+                self.last = key
+                added += 1
+                pos = stop
+        finally:
+            view.release()
+        if pos:
+            self.data = data[pos:]  # a new (small) buffer: a large record's is freed
+        # Over the bound: drop the oldest records, never those just read (the walk is
+        # about to ask for them).
+        while self.buffered > self.MAX_BUFFERED and len(buf) > added:
+            old = buf.pop(next(iter(buf)))
+            self.buffered -= len(old)
+
+    def _before(self, want: tuple) -> bool:
+        """Has the child not passed `want` (order key, layer) yet?"""
+        last = self.last
+        return last is None or (_order_key(last[1]), last[0]) < want
+
+    def listing(self, layer, relpath: str, dirpath: str, dev: Optional[int],
+                mountpoints: Optional[frozenset], wait: bool = False,
+                keep: bool = False) -> Optional[dict[str, Entry]]:
+        """The entries of `layer`'s directory `relpath` (at `dirpath`) from the child's
+        record, or None. `wait`: the directory is on the child's path ahead (the walk's own
+        pre-order): wait for it rather than read it twice. `keep`: leave the record for a
+        second visit (hidden sub-stacks are walked from each of their layers)."""
+        li = self.index.get(id(layer))
+        if li is None or self.proc is None:
+            return None
+        key = (li, relpath)
+        buf = self.buf
+        rec = buf.get(key)
+        if rec is None:
+            # Read only as far as needed: the pipe, not this process, holds what the child
+            # made ahead of the walk (the buffer keeps records passed over, bounded).
+            if wait:
+                # The walk's own order: the child gets there (or past it) soon.
+                want = (_order_key(relpath), li)
+                while rec is None and self._before(want):
+                    if not self._read(False) and (self.eof or not self._read(True)):
+                        break
+                    rec = buf.get(key)
+            elif self._read(False):
+                rec = buf.get(key)
+            if rec is None:
+                self.missed += 1
+                return None
+        if not keep:
+            del buf[key]
+            self.buffered -= len(rec)
+        self.served += 1
+        return _entries(marshal.loads(rec), dirpath, dev, mountpoints)
+
+
+def _entries(rec: tuple, dirpath: str, dev: Optional[int],
+             mountpoints: Optional[frozenset]) -> Listing:
+    names, kinds, inos, xmap, unknown, dirs = rec
+    prefix = DirPrefix(dirpath if dirpath.endswith("/") else dirpath + "/")
+    codes = _KIND_CODES
+    none = NO_XATTRS
+    E = Entry
+    special = set(xmap)
+    special.update(unknown)
+    if "?" not in kinds:
+        out = Listing(zip(names, [E(name, None, codes[code], None, none, ino, dev, prefix)
+                                  for name, code, ino in zip(names, kinds, inos)]))
+    else:
+        out = Listing()
+        for i, (name, code, ino) in enumerate(zip(names, kinds, inos)):
+            path = prefix + name
+            kind = codes.get(code)
+            st = None
+            if kind is None:
+                special.add(i)
+                try:
+                    st = os.lstat(path)
+                    kind = kind_of_mode(st.st_mode)
+                except (FileNotFoundError, NotADirectoryError):
+                    kind = _GONE
+                except OSError:
+                    kind = None
+            out[name] = E(name, None, kind, st, none, ino or None, dev, prefix)
+    if xmap:
+        for i, x in xmap.items():
+            out[names[i]]._xattrs = x
+    for i in unknown:
+        out[names[i]]._xattrs = None  # the child could not read them: read here
+    if mountpoints:
+        for e in out.values():
+            if e.path in mountpoints:
+                e.dev = None
+    out.special = [names[i] for i in sorted(special)]
+    out.dirs = [names[i] for i in dirs]
+    return out
+
+
+# --------------------------------------------------------------------------- messages
 
 
 def quoted(name: str) -> str:

@@ -18,15 +18,22 @@ global maps grow with the number of redirects and hidden subtree roots, not of e
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-from ovlfsck.fsio import Entry, Xattrs, lstat_entry, quoted, scan
+from ovlfsck.fsio import (
+    NO_XATTRS, DevInfo, Entry, Kind, Prefetcher, Xattrs, lstat_entry, quoted, scan_sorted,
+    sort_names,
+)
 from ovlfsck.stack import Layer, Stack
 
 # The kernel's default redirect_max module parameter.
 REDIRECT_MAX = 256
 MAX_MERGED_DEPTH = 2048
+
+_DIR = Kind.DIR
+_REG = Kind.REG
+_LNK = Kind.LNK
 
 
 def join(parent: str, name: str) -> str:
@@ -37,18 +44,48 @@ def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
-@dataclass
+# Layer.name is a property that formats a string at every call: cache it per Layer object
+# (identity, not equality: a frozen dataclass hashes all its fields).
+_LAYER_NAMES: dict[int, tuple[Layer, str]] = {}
+
+
+def layer_name(layer: Layer) -> str:
+    cached = _LAYER_NAMES.get(id(layer))
+    if cached is not None and cached[0] is layer:
+        return cached[1]
+    if len(_LAYER_NAMES) > 4096:
+        _LAYER_NAMES.clear()
+    name = layer.name
+    _LAYER_NAMES[id(layer)] = (layer, name)
+    return name
+
+
 class Member:
     """One layer's object taking part in a merged object."""
 
-    layer: Layer
-    relpath: str  # layer-relative path, '' for the root
-    entry: Entry
-    via_redirect: bool = False
+    __slots__ = ("layer", "relpath", "entry", "via_redirect")
+
+    def __init__(self, layer: Layer, relpath: str, entry: Entry, via_redirect: bool = False) -> None:
+        self.layer = layer
+        self.relpath = relpath  # layer-relative path, '' for the root
+        self.entry = entry
+        self.via_redirect = via_redirect
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.layer.name, self.relpath)
+        return (layer_name(self.layer), self.relpath)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Member):
+            return NotImplemented
+        return (self.layer == other.layer and self.relpath == other.relpath
+                and self.entry is other.entry and self.via_redirect == other.via_redirect)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it was
+
+    def __repr__(self) -> str:
+        return (f"Member(layer={layer_name(self.layer)}, relpath={self.relpath!r}, "
+                f"entry={self.entry!r}, via_redirect={self.via_redirect})")
 
 
 @dataclass
@@ -64,15 +101,28 @@ class RedirectEvent:
     self_redirect: bool = False
 
 
-@dataclass
-class Chain:
-    """What looking up one name in a merged directory gives."""
+_NO_REDIRECTS: tuple = ()
 
-    name: str
-    members: list[Member] = field(default_factory=list)
-    whiteout: Optional[Member] = None  # the top entry is a whiteout: the name is deleted
-    stop: Optional[str] = None  # 'whiteout' | 'opaque' | 'nondir' | 'invalid' | None
-    redirects: list[RedirectEvent] = field(default_factory=list)
+
+class Chain:
+    """What looking up one name in a merged directory gives.
+
+    `redirects` is an empty tuple (shared) until a redirect is met, then a list."""
+
+    __slots__ = ("name", "members", "whiteout", "stop", "redirects")
+
+    def __init__(self, name: str, members: Optional[list[Member]] = None,
+                 whiteout: Optional[Member] = None, stop: Optional[str] = None,
+                 redirects: Optional[list[RedirectEvent]] = None) -> None:
+        self.name = name
+        self.members = [] if members is None else members
+        self.whiteout = whiteout  # the top entry is a whiteout: the name is deleted
+        self.stop = stop  # 'whiteout' | 'opaque' | 'nondir' | 'invalid' | None
+        self.redirects = _NO_REDIRECTS if redirects is None else redirects
+
+    def __repr__(self) -> str:
+        return (f"Chain(name={self.name!r}, members={self.members!r}, whiteout={self.whiteout!r}, "
+                f"stop={self.stop!r}, redirects={list(self.redirects)!r})")
 
     @property
     def top(self) -> Optional[Member]:
@@ -80,7 +130,8 @@ class Chain:
 
     @property
     def is_dir(self) -> bool:
-        return bool(self.members) and self.members[0].entry.is_dir
+        members = self.members
+        return bool(members) and members[0].entry.is_dir
 
     @property
     def is_merged(self) -> bool:
@@ -101,10 +152,12 @@ class DirVisit:
     chains: dict[str, Chain]  # every name of the union, resolved
     hidden: bool = False  # a sub-stack walk below a hidden lower directory
     straight: bool = True  # no redirect on the way here
+    # The names (in order) whose chain met a redirect; None: not known, look at every chain.
+    redirected: Optional[list[str]] = None
 
     def member_index(self, layer: Layer) -> Optional[int]:
         for i, m in enumerate(self.members):
-            if m.layer == layer:
+            if m.layer is layer or m.layer == layer:
                 return i
         return None
 
@@ -133,7 +186,12 @@ def validate_redirect(value: bytes) -> tuple[Optional[str], str]:
 class Walker:
     """Resolves chains and yields DirVisits, depth first, names in byte order."""
 
-    def __init__(self, stack: Stack, xa: Xattrs, on_error: Callable[[Layer, str, OSError], None]):
+    # Entries listed before the prefetch child is started: small layer sets (most tests,
+    # small containers) are done before a child would have paid for itself.
+    PREFETCH_AFTER = 1000
+
+    def __init__(self, stack: Stack, xa: Xattrs, on_error: Callable[[Layer, str, OSError], None],
+                 prefetch: bool = False):
         self.stack = stack
         self.xa = xa
         self.layers = stack.namespace_layers
@@ -144,16 +202,54 @@ class Walker:
         self.hidden_roots: list[Member] = []
         self.visited_hidden: set[tuple[str, str]] = set()
         self.pending_dirs = 0  # merged directories known but not visited yet (for progress)
+        self.devinfo = DevInfo([lay.path for lay in self.layers])
+        # The prefetch child (fsio.Prefetcher): listings and xattrs read ahead of the walk on
+        # the other core; only for runs that write nothing (what it read cannot go stale).
+        # The walk gives the same result with or without it. OVLFSCK_PREFETCH=0 turns it
+        # off, =1 starts it at once.
+        self.prefetcher: Optional[Prefetcher] = None
+        self._prefetch_after: Optional[int] = None
+        if prefetch:
+            env = os.environ.get("OVLFSCK_PREFETCH", "")
+            if env != "0":
+                self._prefetch_after = 0 if env == "1" else self.PREFETCH_AFTER
+        self._listed = 0
+        self._roots: Optional[list[tuple[Layer, str, os.stat_result]]] = None
 
     # ------------------------------------------------------------------ listing
 
-    def listing(self, member: Member) -> dict[str, Entry]:
+    def listing(self, member: Member, wait: bool = False, keep: bool = False) -> dict[str, Entry]:
+        """One layer directory's entries in byte order ({} if it cannot be listed: reported).
+        `wait`: the directory is on the walk's own pre-order path (the prefetch child's
+        order), so waiting for the child's record is better than reading it twice; `keep`:
+        it may be listed again (a hidden sub-stack)."""
+        entry = member.entry
+        devinfo = self.devinfo
+        dev = devinfo.dir_dev(entry, entry.dev)
+        pf = self.prefetcher
+        if pf is None and self._prefetch_after is not None and (
+                self._listed >= self._prefetch_after or self._big_roots()):
+            self._prefetch_after = None
+            pf = self.prefetcher = Prefetcher.start(self.layers, self.xa)
+        if pf is not None:
+            got = pf.listing(member.layer, member.relpath, entry.path, dev, devinfo.mountpoints,
+                             wait, keep)
+            if got is not None:
+                return got
         try:
-            entries = {e.name: e for e in scan(member.entry.path)}
+            got = scan_sorted(entry.path, dev, devinfo.mountpoints)
+            self._listed += len(got)
+            return got
         except OSError as exc:
             self.on_error(member.layer, member.relpath, exc)
             return {}
-        return dict(sorted(entries.items(), key=lambda kv: os.fsencode(kv[0])))
+
+    def _big_roots(self) -> bool:
+        """A layer root with many subdirectories or a large directory file: start the
+        prefetch child before the first listing (the roots are the first directories
+        listed, and on a large layer set the largest)."""
+        self.root_members()
+        return any(st.st_nlink > 66 or st.st_size > (64 << 10) for _l, _n, st in self._roots)
 
     def is_lowermost(self, layer: Layer) -> bool:
         return layer.depth == self.lowermost_depth
@@ -245,6 +341,9 @@ class Walker:
         is a point lookup (lstat) in the member directory.
         """
         chain = Chain(name)
+        members = chain.members
+        xa = self.xa
+        lowermost_depth = self.lowermost_depth
         cur_name = name
         abs_comps: Optional[list[str]] = None
         via_redirect = False
@@ -252,66 +351,83 @@ class Walker:
         pending: Optional[RedirectEvent] = None
         owner: Optional[Member] = None  # the directory whose redirect led here
         idx = 0
+        n_parents = len(parent_members)
         while True:
             # Next candidate: the parent's members (relative mode) or every layer
             # beneath (absolute mode), in order.
             if abs_comps is None:
-                if idx >= len(parent_members):
+                if idx >= n_parents:
                     break
                 pm = parent_members[idx]
                 idx += 1
-                if pm.layer.depth <= last_depth:
-                    continue
                 layer = pm.layer
+                depth = layer.depth
+                if depth <= last_depth:
+                    continue
+                last_depth = depth
                 if parent_listings is not None:
                     entry = parent_listings[idx - 1].get(cur_name)
                 else:
                     entry = lstat_entry(os.path.join(pm.entry.path, cur_name))
-                relpath = join(pm.relpath, cur_name)
+                if entry is None:
+                    continue
+                prel = pm.relpath
+                relpath = f"{prel}/{cur_name}" if prel else cur_name
                 stop_here = False
-                bad = None
             else:
-                cands = [lay for lay in self.layers if lay.depth > last_depth]
-                if not cands:
+                layer = None
+                for lay in self.layers:
+                    if lay.depth > last_depth:
+                        layer = lay
+                        break
+                if layer is None:
                     break
-                layer = cands[0]
                 relpath = "/".join(abs_comps)
                 entry, stop_here, abs_comps, bad, _ = self.lookup_path(layer, abs_comps)
                 if bad is not None:
                     # An invalid redirect on the way fails the whole lookup (EINVAL).
-                    chain.redirects.append(bad)
+                    chain.redirects = [*chain.redirects, bad]
                     chain.stop = "invalid"
                     break
-            last_depth = layer.depth
-            if entry is None:
-                if stop_here:
-                    chain.stop = "opaque"
-                    break
-                continue
+                last_depth = layer.depth
+                if entry is None:
+                    if stop_here:
+                        chain.stop = "opaque"
+                        break
+                    continue
             member = Member(layer, relpath, entry, via_redirect)
-            if entry.is_whiteout(self.xa):
-                if not chain.members:
-                    chain.whiteout = member
-                chain.stop = "whiteout"
-                break
-            if not entry.is_dir:
-                if not chain.members:
-                    chain.members.append(member)
-                else:
-                    chain.stop = "nondir"
-                    if pending:
-                        pending.problem, pending.detail = "notdir", f"{layer.name}:{relpath} is not a directory"
-                        pending = None
-                break
-            chain.members.append(member)
+            kind = entry.kind
+            if kind is not _DIR:
+                if entry.is_whiteout(xa):
+                    if not members:
+                        chain.whiteout = member
+                    chain.stop = "whiteout"
+                    break
+                if kind is not None or not entry.is_dir:
+                    if not members:
+                        members.append(member)
+                    else:
+                        chain.stop = "nondir"
+                        if pending:
+                            pending.problem, pending.detail = "notdir", f"{layer_name(layer)}:{relpath} is not a directory"
+                            pending = None
+                    break
+            members.append(member)
             if pending:
                 pending.target = member
                 pending = None
             if register and via_redirect and owner is not None:
                 self.claims.setdefault(member.key, []).append((owner, join(merged_path, name)))
-            if self.is_lowermost(layer):
+            if layer.depth == lowermost_depth:
                 break
-            xattrs = entry.xattrs(self.xa)
+            xattrs = entry._xattrs
+            if xattrs is None:
+                xattrs = entry.xattrs(xa)
+            if not xattrs:
+                if stop_here:
+                    chain.stop = "opaque"
+                    break
+                continue
             if xattrs.get("opaque") == b"y":
                 chain.stop = "opaque"
                 break
@@ -323,7 +439,7 @@ class Walker:
                 continue
             problem, detail = validate_redirect(value)
             event = RedirectEvent(member, value, problem, detail, absolute=value.startswith(b"/"))
-            chain.redirects.append(event)
+            chain.redirects = [*chain.redirects, event]
             if problem:
                 # ovl_check_redirect fails: the lookup of this name fails (EINVAL).
                 chain.stop = "invalid"
@@ -377,56 +493,152 @@ class Walker:
     # ------------------------------------------------------------------ the walk
 
     def root_members(self) -> list[Member]:
-        """The root merges every namespace layer (roots are never opaque)."""
-        members = []
-        for layer in self.layers:
-            entry = lstat_entry(layer.path)
-            if entry is not None and entry.is_dir:
-                members.append(Member(layer, "", entry))
-        return members
+        """The root merges every namespace layer (roots are never opaque). The roots are
+        looked at once per walk; every call gets new Entries (nothing cached in them)."""
+        if self._roots is None:
+            self._roots = []
+            for layer in self.layers:
+                entry = lstat_entry(layer.path)
+                if entry is not None and entry.is_dir:
+                    self._roots.append((layer, entry.name, entry._stat))
+        return [Member(layer, "", Entry(name, layer.path, _DIR, st)) for layer, name, st in self._roots]
 
     def visits(self) -> Iterator[DirVisit]:
-        yield from self._walk([("", self.root_members(), True, False)])
-        # Lower directories the merged view never reached: walk each as the top of the
-        # sub-stack that starts at its layer, unless a redirect already took it in.
-        while self.hidden_roots:
-            roots, self.hidden_roots = self.hidden_roots, []
-            for m in sorted(roots, key=lambda m: (m.layer.depth, os.fsencode(m.relpath))):
-                if m.key in self.claims or m.key in self.visited_hidden:
-                    continue
-                self.visited_hidden.add(m.key)
-                # Its chain in the sub-stack that starts at its own layer.
-                chain = self.lookup_merged(m.relpath.split("/"), m.layer)
-                members = chain.members if chain.members and chain.members[0].key == m.key else [m]
-                yield from self._walk([(m.relpath, members, True, True)])
+        try:
+            yield from self._walk([("", self.root_members(), True, False)])
+            # Lower directories the merged view never reached: walk each as the top of the
+            # sub-stack that starts at its layer, unless a redirect already took it in.
+            while self.hidden_roots:
+                roots, self.hidden_roots = self.hidden_roots, []
+                roots.sort(key=lambda m: (m.layer.depth, m.relpath.encode("utf-8", "surrogateescape")))
+                for m in roots:
+                    if m.key in self.claims or m.key in self.visited_hidden:
+                        continue
+                    self.visited_hidden.add(m.key)
+                    # Its chain in the sub-stack that starts at its own layer.
+                    chain = self.lookup_merged(m.relpath.split("/"), m.layer)
+                    members = chain.members if chain.members and chain.members[0].key == m.key else [m]
+                    yield from self._walk([(m.relpath, members, True, True)])
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the prefetch child, if any (the walk needs no more listings)."""
+        self._prefetch_after = None
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+
+    def _chains(self, path: str, members: list[Member], listings: list[dict[str, Entry]],
+                straight: bool) -> tuple[list[str], dict[str, Chain], list[str], list[str]]:
+        """Every name of the union in byte order, its chain, the names whose chain is a
+        directory and those whose chain met a redirect.
+
+        A name whose first entry is not a directory needs no lookup beneath it: its chain
+        is built here directly (the hot path: most names are files); directories go
+        through `resolve`."""
+        chains: dict[str, Chain] = {}
+        dirs: list[str] = []
+        redirected: list[str] = []
+        if len(listings) == 1:
+            # One layer directory (most directories): every name's first entry is its own.
+            lst = listings[0]
+            ordered = list(lst)  # listings are in byte order already
+            layer = members[0].layer
+            prefix = members[0].relpath + "/" if members[0].relpath else ""
+            for name, entry in lst.items():
+                kind = entry.kind
+                if kind is _LNK or (kind is _REG and ((x := entry._xattrs) is NO_XATTRS or (
+                        x is not None and "whiteout" not in x))):
+                    chains[name] = Chain(name, [Member(layer, prefix + name, entry)])
+                else:
+                    self._chain(name, entry, layer, prefix, members, listings, path, straight,
+                                chains, dirs, redirected)
+            return ordered, chains, dirs, redirected
+        names: dict[str, None] = {}
+        for lst in listings:
+            names.update(dict.fromkeys(lst))
+        ordered = sort_names(names)
+        gets = [lst.get for lst in listings]
+        prefixes = [(m.layer, m.relpath + "/" if m.relpath else "") for m in members]
+        for name in ordered:
+            for i, get in enumerate(gets):
+                entry = get(name)
+                if entry is not None:
+                    break
+            layer, prefix = prefixes[i]
+            kind = entry.kind
+            if kind is _LNK or (kind is _REG and ((x := entry._xattrs) is NO_XATTRS or (
+                    x is not None and "whiteout" not in x))):
+                chains[name] = Chain(name, [Member(layer, prefix + name, entry)])
+            else:
+                self._chain(name, entry, layer, prefix, members, listings, path, straight,
+                            chains, dirs, redirected)
+        return ordered, chains, dirs, redirected
+
+    def _chain(self, name: str, entry: Entry, layer: Layer, prefix: str, members: list[Member],
+               listings: list[dict[str, Entry]], path: str, straight: bool,
+               chains: dict[str, Chain], dirs: list[str], redirected: list[str]) -> None:
+        """`_chains` for a name whose first entry may be a directory or a whiteout."""
+        kind = entry.kind
+        if kind is _DIR or kind is None:
+            chain = chains[name] = self.resolve(name, members, listings, path, straight)
+            cm = chain.members
+            if cm and cm[0].entry.is_dir:
+                dirs.append(name)
+            if chain.redirects:
+                redirected.append(name)
+            return
+        member = Member(layer, prefix + name, entry)
+        if entry.is_whiteout(self.xa):
+            chains[name] = Chain(name, None, member, "whiteout")
+        else:
+            chains[name] = Chain(name, [member])
 
     def _walk(self, pending: list[tuple[str, list[Member], bool, bool]]) -> Iterator[DirVisit]:
+        claims = self.claims
         while pending:
             self.pending_dirs = len(pending) - 1 + len(self.hidden_roots)
             path, members, straight, hidden = pending.pop()
-            listings = [self.listing(m) for m in members]
-            names: dict[str, None] = {}
-            for lst in listings:
-                names.update(dict.fromkeys(lst))
-            ordered = sorted(names, key=os.fsencode)
-            chains = {n: self.resolve(n, members, listings, path, straight) for n in ordered}
-            visit = DirVisit(path, members, listings, chains, hidden, straight)
+            listings = [self.listing(m, not hidden and m.relpath == path, hidden) for m in members]
+            ordered, chains, dirs, redirected = self._chains(path, members, listings, straight)
+            visit = DirVisit(path, members, listings, chains, hidden, straight, redirected)
             yield visit
-            # Lower directories hidden in this merged directory: remember them.
-            in_chain = {m.key for c in chains.values() for m in c.members}
-            for member, lst in zip(members, listings):
-                if member.layer.is_upper:
-                    continue
-                for name, entry in lst.items():
-                    key = (member.layer.name, join(member.relpath, name))
-                    if key in in_chain or not entry.is_dir:
-                        continue
-                    self.hidden_roots.append(Member(member.layer, key[1], entry))
-            if path.count("/") >= MAX_MERGED_DEPTH:
+            del visit
+            self._remember_hidden(members, listings, chains)
+            del listings, ordered
+            if path.count("/") < MAX_MERGED_DEPTH:
+                for name in reversed(dirs):
+                    chain = chains[name]
+                    cm = chain.members
+                    if not (hidden and cm[0].key in claims):
+                        pending.append((join(path, name), cm, straight and chain.straight, hidden))
+            # Only the children's members stay (in `pending`): the listings and chains of
+            # this directory are freed before the next one is listed.
+            del chains, dirs, redirected
+
+    def _remember_hidden(self, members: list[Member], listings: list[dict[str, Entry]],
+                         chains: dict[str, Chain]) -> None:
+        """Lower directories hidden in a merged directory: remember them for the hidden
+        walk. Reached means: in the chain of its own name, or reached through a redirect."""
+        redirected = None
+        for member, lst in zip(members, listings):
+            if member.layer.is_upper:
                 continue
-            children = []
-            for name in reversed(ordered):
-                chain = chains[name]
-                if chain.is_dir and not (hidden and chain.members[0].key in self.claims):
-                    children.append((join(path, name), chain.members, straight and chain.straight, hidden))
-            pending.extend(children)
+            dirnames = getattr(lst, "dirs", None)
+            if dirnames is not None:
+                subdirs = [(name, lst[name]) for name in dirnames]
+            else:
+                subdirs = [(name, entry) for name, entry in lst.items()
+                           if entry.kind is _DIR or (entry.kind is None and entry.is_dir)]
+            for name, entry in subdirs:
+                chain = chains.get(name)
+                if chain is not None and any(m.entry is entry for m in chain.members):
+                    continue
+                if redirected is None:
+                    redirected = {m.key for c in chains.values() if c.redirects
+                                  for m in c.members if m.via_redirect}
+                rel = join(member.relpath, name)
+                if redirected and (layer_name(member.layer), rel) in redirected:
+                    continue
+                self.hidden_roots.append(Member(member.layer, rel, entry))

@@ -15,8 +15,10 @@ from typing import Optional
 
 from ovlfsck import handles
 from ovlfsck.engine import CheckContext
-from ovlfsck.fsio import Kind
+from ovlfsck.fsio import Kind, special_items
 from ovlfsck.walk import DirVisit, join
+
+_REG = Kind.REG
 
 # Feature names, in report order.
 ORDER = ("redirect", "metacopy", "index", "nfs_export", "data_only", "xwhiteouts", "userxattr",
@@ -117,16 +119,18 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
     xa = ctx.xa
     for member, listing in zip(visit.members, visit.listings):
         dir_x = member.entry.xattrs(xa)
-        where = f"{member.layer.name}:{member.relpath or '.'}"
-        if "redirect" in dir_x and member.relpath:
-            rep.see("redirect", where)
-        if dir_x.get("opaque") == b"x" and not member.layer.is_upper:
-            rep.see("xwhiteouts", where)
-        for name, entry in listing.items():
-            if entry.get_kind() is not Kind.REG:
+        if dir_x:
+            where = f"{member.layer.name}:{member.relpath or '.'}"
+            if "redirect" in dir_x and member.relpath:
+                rep.see("redirect", where)
+            if dir_x.get("opaque") == b"x" and not member.layer.is_upper:
+                rep.see("xwhiteouts", where)
+        for name, entry in special_items(listing):
+            kind = entry.kind
+            if kind is not _REG and (kind is not None or entry.get_kind() is not _REG):
                 continue
             x = entry.xattrs(xa)
-            if "metacopy" in x:
+            if x and "metacopy" in x:
                 here = f"{member.layer.name}:{join(member.relpath, name)}"
                 rep.see("metacopy", here)
                 if len(x["metacopy"]) > 4:

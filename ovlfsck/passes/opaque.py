@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from ovlfsck.engine import CheckContext, Finding
-from ovlfsck.fsio import Kind
+from ovlfsck.fsio import Kind, special_items
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import RemoveXattr
 from ovlfsck.walk import DirVisit, join
+
+_DIR = Kind.DIR
+_REG = Kind.REG
+_GONE = Kind.GONE
 
 
 def check(ctx: CheckContext, visit: DirVisit) -> None:
@@ -13,12 +17,14 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
     for member, listing in zip(visit.members, visit.listings):
         if member.relpath != "":
             _check_dir(ctx, member.layer, member.relpath, member.entry.xattrs(xa))
-        for name, entry in listing.items():
-            kind = entry.get_kind()
-            if kind in (Kind.DIR, Kind.GONE):
+        for name, entry in special_items(listing):
+            kind = entry.kind
+            if kind is None:
+                kind = entry.get_kind()
+            if kind is _DIR or kind is _GONE:
                 continue
             x = entry.xattrs(xa)
-            if not x:
+            if not x or ("opaque" not in x and "redirect" not in x):
                 continue
             rel = join(member.relpath, name)
             if "opaque" in x:
@@ -27,7 +33,7 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
                     ops=(RemoveXattr(member.layer, rel, ctx.xname("opaque")),),
                     action="remove the opaque xattr",
                 ))
-            if "redirect" in x and (kind is not Kind.REG or "metacopy" not in x):
+            if "redirect" in x and (kind is not _REG or "metacopy" not in x):
                 ctx.fix(Finding(
                     BY_CODE["OVL310"], member.layer, rel, f"value {x['redirect']!r}",
                     ops=(RemoveXattr(member.layer, rel, ctx.xname("redirect")),),

@@ -27,10 +27,13 @@ _PROBLEM_CODES = {
 
 def check(ctx: CheckContext, visit: DirVisit) -> None:
     for member in visit.members:
-        if ctx.walker.is_lowermost(member.layer) and member.relpath and "redirect" in member.entry.xattrs(ctx.xa):
+        if member.relpath and ctx.walker.is_lowermost(member.layer) and "redirect" in member.entry.xattrs(ctx.xa):
             value = member.entry.xattrs(ctx.xa)["redirect"]
             _remove(ctx, "OVL309", member, f"value {value!r}", visit)
-    for name, chain in visit.chains.items():
+    chains = visit.chains
+    names = chains if visit.redirected is None else visit.redirected
+    for name in names:
+        chain = chains[name]
         for event in chain.redirects:
             _check_event(ctx, visit, name, chain, event)
 

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 from ovlfsck.engine import CheckContext, Finding
+from ovlfsck.fsio import Kind, special_items
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import MakeWhiteout, Quarantine, SetXattr
 from ovlfsck.walk import DirVisit, join
+
+_DIR = Kind.DIR
+_LNK = Kind.LNK
 
 
 def check(ctx: CheckContext, visit: DirVisit) -> None:
@@ -16,8 +20,9 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
         dir_x = member.entry.xattrs(xa)
         opaque = member.relpath != "" and not lowermost and dir_x.get("opaque") == b"y"
         unmarked_x: list[str] = []
-        for name, entry in listing.items():
-            if not entry.is_whiteout(xa):
+        for name, entry in special_items(listing):
+            kind = entry.kind
+            if kind is _DIR or kind is _LNK or not entry.is_whiteout(xa):
                 continue
             rel = join(member.relpath, name)
             beneath = None

@@ -1,0 +1,295 @@
+"""The fast paths of the walk (issue 5 item 2) give exactly what the plain reads give.
+
+* names in byte order without encoding every name (code point order for text without
+  surrogate escapes);
+* d_type kinds, d_ino, and the readdir stand-in for st_ino/st_dev (`ReaddirStat`), whose
+  other fields come from a real lstat;
+* /proc/self/mountinfo parsing (escapes, which filesystems keep d_ino == st_ino, mount
+  points inside the layers);
+* the prefetch child: its records are what a local scandir + listxattr/getxattr read, and
+  a whole check gives the same report with it and without it (also on damaged layers);
+  it is reaped when the walk ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import xattr
+
+from ovlfsck import fsio
+from ovlfsck.cli import app, invoke
+from ovlfsck.fsio import DevInfo, Entry, Kind, Listing, Prefetcher, ReaddirStat, Xattrs
+from ovlfsck.stack import Layer, Role
+from ovlfsck.walk import Walker
+
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (mknod, trusted.* xattrs)")
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def setx(path, suffix: str, value: bytes, ns: str = "trusted.overlay.") -> None:
+    xattr.set(os.fsencode(path), ns + suffix, value, nofollow=True)
+
+
+def mkwhiteout(path) -> None:
+    os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+
+# --------------------------------------------------------------------------- names
+
+
+def test_sort_names_is_byte_order():
+    names = ["b", "a", "Z", "é", "ä", "a\udcff", "a\udc80b", "\u20ac", "~", "ab", "a-b", ""]
+    names = [n for n in names if n]
+    assert fsio.sort_names(names) == sorted(names, key=os.fsencode)
+    ascii_only = ["z", "A", "a", "_", "0", "~x"]
+    assert fsio.sort_names(ascii_only) == sorted(ascii_only, key=os.fsencode)
+
+
+def test_scan_sorted_kinds_inodes_and_order(tmp_path):
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "d").mkdir()
+    os.symlink("nowhere", tmp_path / "l")
+    os.mkfifo(tmp_path / "p")
+    odd = os.fsdecode(b"n\xffx")
+    (tmp_path / odd).write_text("")
+    listing = fsio.scan_sorted(str(tmp_path))
+    assert isinstance(listing, Listing) and listing.special is None
+    assert list(listing) == sorted(listing, key=os.fsencode)
+    kinds = {n: e.kind for n, e in listing.items()}
+    assert kinds == {"f": Kind.REG, "d": Kind.DIR, "l": Kind.LNK, "p": Kind.FIFO, odd: Kind.REG}
+    for name, e in listing.items():
+        assert e.ino == (None if e.kind is Kind.DIR else os.lstat(e.path).st_ino)
+        assert e.path == os.path.join(str(tmp_path), name)
+    # special files are lstat'ed at once (the kind needs it); the others are not
+    assert listing["p"]._stat is not None and listing["f"]._stat is None
+
+
+@needs_root
+def test_whiteouts_are_told_from_other_character_devices(tmp_path):
+    mkwhiteout(tmp_path / "wo")
+    os.mknod(tmp_path / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    (tmp_path / "xw").write_text("")
+    setx(tmp_path / "xw", "whiteout", b"")
+    (tmp_path / "xw-data").write_text("data")
+    setx(tmp_path / "xw-data", "whiteout", b"")
+    xa = Xattrs("trusted")
+    listing = fsio.scan_sorted(str(tmp_path))
+    assert {n for n, e in listing.items() if e.is_whiteout(xa)} == {"wo", "xw"}
+    assert listing["wo"].is_chr_whiteout() and not listing["null"].is_chr_whiteout()
+    assert not listing["xw"].is_chr_whiteout() and listing["xw"].is_xwhiteout(xa)
+
+
+# --------------------------------------------------------------------------- stat stand-in
+
+
+def test_readdir_stat_answers_ino_and_dev_and_reads_the_rest(tmp_path):
+    (tmp_path / "f").write_text("12345")
+    (tmp_path / "d").mkdir()
+    dev = os.lstat(tmp_path).st_dev
+    listing = fsio.scan_sorted(str(tmp_path), dev)
+    f, d = listing["f"], listing["d"]
+    st = f.lstat()
+    assert isinstance(st, ReaddirStat) and st._real is None
+    real = os.lstat(tmp_path / "f")
+    assert (st.st_ino, st.st_dev) == (real.st_ino, real.st_dev)
+    assert st._real is None  # no syscall so far
+    assert st.st_size == 5 and stat.S_ISREG(st.st_mode) and st._real is not None
+    assert os.path.samestat(st, real)
+    # the real stat is kept: from now on lstat() gives it
+    assert isinstance(f.real_lstat(), os.stat_result) and f.lstat() is f.real_lstat()
+    g = fsio.scan_sorted(str(tmp_path), dev)["f"]
+    assert isinstance(g.lstat(), ReaddirStat) and g._stat is None  # nothing kept, no cycle
+    # directories always get a real lstat (a mount point's st_dev is not its parent's)
+    assert isinstance(d.lstat(), os.stat_result)
+    # without a trusted device: a real lstat
+    plain = fsio.scan_sorted(str(tmp_path))
+    assert isinstance(plain["f"].lstat(), os.stat_result)
+
+
+def test_readdir_stat_of_a_vanished_file_raises_on_use(tmp_path):
+    (tmp_path / "gone").write_text("x")
+    listing = fsio.scan_sorted(str(tmp_path), os.lstat(tmp_path).st_dev)
+    os.unlink(tmp_path / "gone")
+    st = listing["gone"].lstat()
+    assert st.st_ino  # from readdir
+    with pytest.raises(FileNotFoundError):
+        st.st_size
+    assert listing["gone"].get_kind() is Kind.REG  # d_type said so
+
+
+def test_devinfo_reads_mountinfo(tmp_path):
+    mi = tmp_path / "mountinfo"
+    mi.write_text(
+        "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+        "30 22 7:0 / /srv/lay\\040ers rw,relatime shared:2 - ext4 /dev/loop0 rw\n"
+        "31 30 0:45 / /srv/lay\\040ers/upper/mnt rw shared:3 - btrfs /dev/sdb rw\n"
+        "32 30 0:46 / /srv/lay\\040ers/lower/tmp rw shared:4 - tmpfs tmpfs rw\n"
+        "33 22 0:47 / /merged rw shared:5 - overlay overlay rw,lowerdir=/a\n"
+        "garbage line\n"
+    )
+    info = DevInfo(["/srv/lay ers/upper", "/srv/lay ers/lower"], mountinfo=str(mi))
+    assert os.makedev(7, 0) in info.trusted and os.makedev(254, 0) in info.trusted
+    assert os.makedev(0, 46) in info.trusted
+    assert os.makedev(0, 45) not in info.trusted and os.makedev(0, 47) not in info.trusted
+    assert info.mountpoints == {"/srv/lay ers/upper/mnt", "/srv/lay ers/lower/tmp"}
+    none = DevInfo(["/x"], mountinfo=str(tmp_path / "missing"))
+    assert not none.trusted and not none.mountpoints
+
+
+def test_dir_dev_follows_parents_and_mount_points(tmp_path):
+    (tmp_path / "sub").mkdir()
+    root = fsio.lstat_entry(str(tmp_path))
+    info = DevInfo([str(tmp_path)])
+    dev = info.dir_dev(root, None)
+    real = os.lstat(tmp_path).st_dev
+    assert dev in (real, None)  # None when the test filesystem is not a trusted one
+    sub = fsio.scan_sorted(str(tmp_path), dev)["sub"]
+    assert info.dir_dev(sub, sub.dev) == dev
+    info.mountpoints = frozenset({sub.path})
+    assert info.dir_dev(sub, sub.dev) == (real if real in info.trusted else None)
+
+
+# --------------------------------------------------------------------------- prefetch child
+
+
+def _layer_tree(base: Path) -> tuple[Path, Path]:
+    upper, lower = base / "upper", base / "lower"
+    for root in (upper, lower):
+        (root / "d" / "e").mkdir(parents=True)
+        (root / "d" / "f").write_text("f")
+        (root / "g").write_text("")
+        os.symlink("d", root / "s")
+    (lower / "only-lower").mkdir()
+    (lower / "only-lower" / os.fsdecode(b"bad\xfename")).write_text("")
+    (lower / "d" / "e" / "deep").write_text("")
+    mkwhiteout(upper / "d" / "wo")
+    os.mknod(upper / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    setx(upper / "d", "impure", b"y")
+    setx(upper / "d" / "f", "origin", b"\x00\xfb\x21\x01")
+    setx(upper / "d" / "f", "overlay.origin", b"nested: not ours")
+    setx(lower / "g", "metacopy", b"")
+    setx(lower / "g", "x", b"y", ns="user.")
+    setx(lower / "d" / "e", "opaque", b"y")
+    return upper, lower
+
+
+@needs_root
+def test_prefetch_records_are_what_a_scan_reads(tmp_path):
+    upper, lower = _layer_tree(tmp_path)
+    layers = [Layer(Role.UPPER, 0, str(upper), 0), Layer(Role.LOWER, 0, str(lower), 1)]
+    xa = Xattrs("trusted")
+    pf = Prefetcher.start(layers, xa)
+    assert pf is not None
+    proc = pf.proc
+    try:
+        for layer in layers:
+            for dirpath, dirs, _files in os.walk(layer.path):
+                rel = os.path.relpath(dirpath, layer.path)
+                rel = "" if rel == "." else rel
+                got = pf.listing(layer, rel, dirpath, None, None, wait=True)
+                assert got is not None, (layer.name, rel)
+                want = fsio.scan_sorted(dirpath)
+                assert list(got) == list(want)
+                for name, e in got.items():
+                    w = want[name]
+                    assert (e.path, e.kind, e.ino) == (w.path, w.kind, w.ino), name
+                    assert dict(e.xattrs(xa)) == w.xattrs(xa), name
+                special = [n for n, e in got.items()
+                           if e.kind not in (Kind.REG, Kind.DIR, Kind.LNK) or e.xattrs(xa)]
+                assert got.special == special
+                assert got.dirs == [n for n, e in got.items() if e.kind is Kind.DIR]
+        assert pf.listing(layers[0], "no/such", str(upper / "no/such"), None, None, wait=True) is None
+    finally:
+        pf.close()
+    assert proc.returncode is not None  # reaped
+    assert pf.listing(layers[0], "", str(upper), None, None) is None  # closed: nothing
+
+
+def _run_check(args, monkeypatch, capsys, prefetch: str) -> tuple[int, dict]:
+    monkeypatch.setenv("OVLFSCK_PREFETCH", prefetch)
+    capsys.readouterr()
+    rc = invoke(app, ["check", "-n", "--json", "-v", *map(str, args)], "ovlfsck")
+    out, _err = capsys.readouterr()
+    return rc, json.loads(out)
+
+
+@needs_root
+def test_check_reports_the_same_with_and_without_the_prefetch_child(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import generate
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "set"
+    generate.Gen(str(out), 5).build(3000)
+    # some damage, in every layer, so that there is something to report
+    upper, lower0, lower1 = out / "upper", out / "lower0", out / "lower1"
+    pkgs = sorted(p for p in os.listdir(lower1) if p.startswith("pkg"))
+    mkwhiteout(upper / "orphan-whiteout")
+    mkwhiteout(lower1 / pkgs[0] / "orphan-in-lowermost")
+    setx(lower0 / pkgs[1], "opaque", b"bogus") if (lower0 / pkgs[1]).is_dir() else None
+    for root in (upper, lower0, lower1):
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+        setx(files[len(files) // 2], "opaque", b"y")
+        setx(files[len(files) // 3], "redirect", b"/x/y")
+    (lower0 / "zz-xw").write_text("")
+    setx(lower0 / "zz-xw", "whiteout", b"")
+    args = ["--lower", lower0, "--lower", lower1, "--upper", upper, "--work", out / "work"]
+    rc0, doc0 = _run_check(args, monkeypatch, capsys, "0")
+    rc1, doc1 = _run_check(args, monkeypatch, capsys, "1")
+    assert rc0 == rc1 == 4
+    assert doc0["problems"] == doc1["problems"] and doc0.get("features") == doc1.get("features")
+    codes = {p["code"] for p in doc0["problems"]}
+    assert {"OVL101", "OVL202"} <= codes, codes
+
+
+@needs_root
+def test_the_walk_stops_the_child_and_reaps_it(tmp_path, monkeypatch):
+    upper, lower = _layer_tree(tmp_path)
+    monkeypatch.setenv("OVLFSCK_PREFETCH", "1")
+    from ovlfsck.stack import build_stack
+
+    (tmp_path / "work").mkdir()
+    stack = build_stack([], [str(lower)], str(upper), str(tmp_path / "work"))
+    walker = Walker(stack, Xattrs("trusted"), lambda *a: None, prefetch=True)
+    visits = walker.visits()
+    next(visits)
+    pf = walker.prefetcher
+    assert pf is not None and pf.proc.poll() is None
+    proc = pf.proc
+    visits.close()  # the consumer stops early: the child is stopped too
+    assert walker.prefetcher is None and proc.returncode is not None
+
+
+def test_no_child_without_prefetch_or_when_turned_off(tmp_path, monkeypatch):
+    (tmp_path / "l").mkdir()
+    (tmp_path / "l" / "f").write_text("")
+    from ovlfsck.stack import build_stack
+
+    stack = build_stack([], [str(tmp_path / "l")], None, None)
+    for prefetch, env in ((False, "1"), (True, "0")):
+        monkeypatch.setenv("OVLFSCK_PREFETCH", env)
+        walker = Walker(stack, Xattrs("trusted"), lambda *a: None, prefetch=prefetch)
+        assert [v.path for v in walker.visits()] == [""]
+        assert walker.prefetcher is None
+    # small layer sets never start it by default
+    monkeypatch.delenv("OVLFSCK_PREFETCH")
+    started = []
+    monkeypatch.setattr(Prefetcher, "start", classmethod(lambda cls, *a: started.append(a)))
+    walker = Walker(stack, Xattrs("trusted"), lambda *a: None, prefetch=True)
+    list(walker.visits())
+    assert not started
+
+
+def test_entry_keeps_the_old_constructor():
+    e = Entry("n", "/x/n", Kind.REG)
+    assert (e.name, e.path, e.kind, e.ino, e.dev) == ("n", "/x/n", Kind.REG, None, None)
+    st = os.lstat("/")
+    e2 = Entry("root", "/", Kind.DIR, st)
+    assert e2.lstat() is st and e2.is_dir
