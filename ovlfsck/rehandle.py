@@ -34,6 +34,8 @@ FROM_PATH = "the lower file at the same path"
 FROM_ALIASES = "the lower file at its upper aliases' paths"
 FROM_UPPER = "its upper alias"
 FROM_ORIGINAL = "the original's path (a copy within one filesystem)"
+FROM_DATA = ("the lower file its data lookup or redirect leads to (the kernel looks there for a "
+             "metacopy file's data, and sets the redirect when it renames one)")
 
 
 def fh_key(fh: handles.OvlFh) -> tuple[bytes, int, bytes]:

@@ -45,7 +45,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ovlfsck import handles
+from ovlfsck import handles, rehandle
 from ovlfsck.engine import CheckContext, Finding
 from ovlfsck.fsio import Entry, Kind, display, lstat_entry
 from ovlfsck.problems import BY_CODE
@@ -475,6 +475,9 @@ class _State:
     resolver: Resolver
     refused: list[str] = field(default_factory=list)  # metacopy files a metacopy=off mount refuses
     no_digest: list[str] = field(default_factory=list)
+    # Origin mismatches (H29), decided at finish: the origins pass may rewrite a stale origin
+    # (a copied layer set) to name the very file the lookup finds (issue 4).
+    mismatched: list[tuple] = field(default_factory=list)
 
 
 _STATE: dict[int, _State] = {}
@@ -598,9 +601,31 @@ def _report_resolution(ctx, resolver: Resolver, node: Node, x: dict[str, bytes],
     elif res.kind == "invalid":
         code = "OVL804"
     elif res.kind == "h29":
-        code = "OVL807"
+        _state(ctx).mismatched.append((node, x, res, below))
+        return
     else:
         code = "OVL804"
+    _report_failure(ctx, resolver, node, x, res, below, code)
+
+
+def _rehandled_to_data(ctx, resolver: Resolver, x: dict[str, bytes],
+                       first_lower: Optional[Node]) -> bool:
+    """The origins pass rewrites this stale origin (copied layers) to the handle of the
+    very lower file the lookup finds: no mismatch is left once it is written."""
+    raw = x.get("origin")
+    if not raw or first_lower is None:
+        return False
+    try:
+        fh = handles.decode(raw)
+    except ValueError:
+        return False
+    new = rehandle.get(ctx).learned(fh)
+    # By handle, not by path: the record keeps one path of a lower inode that has several.
+    return new is not None and resolver.origin_matches(new.fh.encode(), first_lower) is True
+
+
+def _report_failure(ctx, resolver: Resolver, node: Node, x: dict[str, bytes], res: Resolution,
+                    below, code: str) -> None:
     ops: tuple = ()
     action = None
     detail = res.detail
@@ -653,6 +678,9 @@ def finish(ctx: CheckContext) -> None:
     st = _STATE.pop(id(ctx), None)
     if st is None or st.walker is not ctx.walker:
         return
+    for node, x, res, below in st.mismatched:
+        if not _rehandled_to_data(ctx, st.resolver, x, res.first_lower):
+            _report_failure(ctx, st.resolver, node, x, res, below, "OVL807")
     f = ctx.stack.features
     if st.refused:
         first = st.refused[0]

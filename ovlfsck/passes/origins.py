@@ -90,8 +90,9 @@ class _Moved:
     fh: handles.OvlFh
     mode: int
     detail: str
-    cand: Optional[tuple]  # (layer, relpath, host path, (dev, ino), mode, exact): the lower
-    # object at its own path, or (exact) the copy of the original its origin names
+    cand: Optional[tuple]  # (layer, relpath, host path, (dev, ino), mode, exact, source): the
+    # lower object at its own path, or (exact) the copy of the original its origin names or
+    # the lower file its data lookup or redirect leads to
 
 
 def _state(ctx: CheckContext) -> _State:
@@ -354,6 +355,23 @@ def _beneath(ctx: CheckContext, visit: DirVisit, i: int, name: str, entry: Entry
     return chain.members[0] if chain.members else None
 
 
+def _metacopy_data_lower(ctx: CheckContext, visit: DirVisit, i: int, layer: Layer, relpath: str,
+                         entry: Entry) -> Optional[Member]:
+    """The lower file the data lookup of a metacopy file meets first (its path, or its
+    redirect). With index=on the kernel verifies the origin against exactly this file
+    (ESTALE otherwise), so it is the one object a rewritten origin can name."""
+    from ovlfsck.passes.metacopy import Node, Resolver  # the metacopy pass owns the lookup
+
+    below = list(zip(visit.members[i + 1:], visit.listings[i + 1:]))
+    if not below:
+        return None
+    res = Resolver(ctx).resolve(Node(layer, relpath, entry), below)
+    found = res.first_lower
+    if found is None:
+        return None
+    return Member(found.layer, found.relpath, found.entry)
+
+
 def _check_entry(ctx: CheckContext, st: _State, visit: DirVisit, i: int, name: str,
                  entry: Entry, relpath: str, raw: bytes) -> None:
     layer = visit.members[i].layer
@@ -397,11 +415,16 @@ def _check_entry(ctx: CheckContext, st: _State, visit: DirVisit, i: int, name: s
                 _claim(st, fh, relpath, entry, True, indexed)
             return
     res = _resolve(ctx, st, layer, fh)
-    # A metacopy file's data is the lower file its path (or redirect) leads to.
-    mc_lower = lower if (metacopy and "redirect" not in xattrs) else None
+    # A metacopy file's data is the lower file its path (or redirect) leads to. A regular file
+    # with a redirect was renamed while it was a metacopy file (the redirect stays when its
+    # data is copied up later): the object at its own path is another file, not its origin.
+    redirected = not is_dir and "redirect" in xattrs
+    mc_lower = (_metacopy_data_lower(ctx, visit, i, layer, relpath, entry)
+                if metacopy or redirected else None)
     if metacopy and res.kind == "nouuid" and upper:
         st.stale += 1
-        _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail, mc_lower)
+        _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail, mc_lower,
+                  source=rehandle.FROM_DATA)
         return  # not rewritten: the metacopy pass reports the origin that does not verify
     if res.kind == "unknown" or (metacopy and res.kind != "found"):
         return
@@ -409,8 +432,13 @@ def _check_entry(ctx: CheckContext, st: _State, visit: DirVisit, i: int, name: s
         st.stale += 1
         # A handle for another filesystem: the layers were copied, and the object at the
         # same path beneath is a candidate. A handle that is gone: only the record can tell.
-        done, why = _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail,
-                              lower if res.kind == "nouuid" else None)
+        if redirected:
+            done, why = _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail,
+                                  mc_lower if res.kind == "nouuid" else None,
+                                  source=rehandle.FROM_DATA)
+        else:
+            done, why = _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail,
+                                  lower if res.kind == "nouuid" else None)
         if not done:
             _stale(ctx, layer, relpath, entry, indexed, res.detail, is_dir, fh, why)
         return
@@ -576,7 +604,8 @@ def _at_original_path(ctx: CheckContext, st: _State, dec: handles.Decoded,
 
 def _rehandle(ctx: CheckContext, st: _State, layer: Layer, relpath: str, entry: Entry,
               fh: handles.OvlFh, indexed: bool, detail: str,
-              cand: Optional[Member], exact: Optional["rehandle.NewHandle"] = None) -> tuple[bool, str]:
+              cand: Optional[Member], exact: Optional["rehandle.NewHandle"] = None,
+              source: str = rehandle.FROM_PATH) -> tuple[bool, str]:
     """A stale origin of an upper entry: rewrite it when the object it must now name is
     known (the record; `exact`, the copy of the original it names; else `cand`, the object
     at the same path beneath, of the same type). Returns (reported here, why not
@@ -594,13 +623,15 @@ def _rehandle(ctx: CheckContext, st: _State, layer: Layer, relpath: str, entry: 
             try:
                 host = os.path.join(exact.layer.path, exact.relpath)
                 cs = os.lstat(host)
-                c = (exact.layer, exact.relpath, host, (cs.st_dev, cs.st_ino), cs.st_mode, True)
+                c = (exact.layer, exact.relpath, host, (cs.st_dev, cs.st_ino), cs.st_mode, True,
+                     exact.source)
             except OSError:
                 pass
         elif cand is not None and not cand.entry.is_dir:
             try:
                 cs = cand.entry.lstat()
-                c = (cand.layer, cand.relpath, cand.entry.path, (cs.st_dev, cs.st_ino), cs.st_mode, False)
+                c = (cand.layer, cand.relpath, cand.entry.path, (cs.st_dev, cs.st_ino), cs.st_mode,
+                     source == rehandle.FROM_DATA, source)
             except OSError:
                 pass
         st.moved.append(_Moved(relpath, (s.st_dev, s.st_ino), fh, mode, detail, c))
@@ -614,11 +645,13 @@ def _rehandle(ctx: CheckContext, st: _State, layer: Layer, relpath: str, entry: 
         except OSError:
             cmode = 0
         if stat.S_IFMT(cmode) == stat.S_IFMT(mode):
-            new = st.rh.from_path(cand.layer, cand.relpath, cand.entry.path, rehandle.FROM_PATH)
+            new = st.rh.from_path(cand.layer, cand.relpath, cand.entry.path, source)
         else:
-            why += f"; the lower entry at the same path is {_type_name(cmode)}, this is {_type_name(mode)}"
+            where = "its data lookup or redirect finds" if source == rehandle.FROM_DATA else "at the same path is"
+            why += f"; the lower entry {where} {_type_name(cmode)}, this is {_type_name(mode)}"
     elif new is None and cand is None and not entry.is_dir:
-        why += "; there is no lower file at the same path"
+        why += ("; its data lookup or redirect finds no lower file" if source == rehandle.FROM_DATA
+                else "; there is no lower file at the same path")
     if new is None:
         return False, why
     _rewrite(ctx, st, layer, relpath, fh, new, detail)
@@ -661,7 +694,7 @@ def _finish_moved(ctx: CheckContext, st: _State) -> None:
             where = "its path" if len(ms) == 1 else "the paths of its aliases"
             if exact:
                 lay, rel, host = exact[0][:3]
-                new = st.rh.from_path(lay, rel, host, rehandle.FROM_ORIGINAL)
+                new = st.rh.from_path(lay, rel, host, exact[0][6])
             elif len(cands) == 1:
                 lay, rel, host = next(iter(cands.values()))[:3]
                 new = st.rh.from_path(lay, rel, host, rehandle.FROM_PATH if len(ms) == 1
