@@ -422,6 +422,11 @@ def finish(ctx: CheckContext) -> None:
             if (ctx.stack.work.name, e.rel) in ctx.changed_round:
                 continue  # moved or changed by another fix of this round: the next round checks it
             if _moved(ctx, st, e):
+                if e.kind == "file" and e.claims and not e.aliases:
+                    # What the rename does not mend: the entry is not the inode of the upper
+                    # files that carry its origin (a copy split the link). Said now (-n
+                    # predicts it); a repair makes it under the new name, next round.
+                    _broken(ctx, e, None)
                 continue
             if e.kind == "whiteout":
                 _check_whiteout(ctx, st, e)

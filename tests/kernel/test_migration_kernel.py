@@ -78,8 +78,6 @@ _NOREC_RENAMED = ("without a record, indexed hardlinks renamed after copy-up whi
 KNOWN_GAPS = {
     "nfs-ext4-tar-norec": _NOREC_RENAMED,
     "nfs-xfs-tar-norec": _NOREC_RENAMED,
-    "rsync-aX": "check -n does not predict the OVL604/OVL605/OVL514 that -y finds after the rehandling",
-    "tar-special-hardlinks": "check -n does not predict the OVL604 that -y finds after the rehandling",
 }
 
 
