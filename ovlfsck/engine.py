@@ -6,6 +6,7 @@ Passes build Findings and call `ctx.fix(finding)`; only here is it decided, unde
 from __future__ import annotations
 
 import enum
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
@@ -51,6 +52,15 @@ class Finding:
     action: Optional[str] = None  # what the fix does, for the report
     preen_ok: Optional[bool] = None  # overrides the catalog (e.g. an ambiguous duplicate)
     compat: Optional[tuple[str, str]] = None  # fsck.overlay wording when it differs per fix
+    # The fix only writes xattrs (SetXattr/RemoveXattr) and nothing of this round needs its
+    # result at once: without questions it may be group-committed with others (one journal
+    # fsync per batch instead of three per operation). Reads of a written object's xattrs
+    # through ctx.xa make the batch land first.
+    batch_ok: bool = False
+    # False: the fix rewrites a handle in place (same object, same type, the new value
+    # computed from what the object now is), which changes nothing another check of this
+    # round looked at; a round whose fixes are all of this kind needs no re-check.
+    rechecks: bool = True
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -183,6 +193,10 @@ class CheckContext:
         self.last_round = False
         self.features = None  # filled by passes.features
         self._round_state: dict[str, object] = {}
+        self._batch: list[Outcome] = []  # fixes reported, their ops not applied yet
+        self._batch_ops = 0
+        self._pending: dict[str, list] = {}  # host path (normalised) -> its queued ops
+        self.recheck = False  # this round made a fix (or left a finding) that needs a re-check
 
     # ------------------------------------------------------------------ helpers
 
@@ -217,6 +231,10 @@ class CheckContext:
     def xattrs_of(self, layer: Layer, relpath: str, entry) -> dict[str, bytes]:
         """An entry's overlay xattrs, re-read if a fix of this run touched it."""
         if self.changed and (layer.name, relpath) in self.changed:
+            if self._pending:
+                queued = self._pending.get(os.path.normpath(entry.path))
+                if queued is not None:
+                    return self._as_queued(entry.path, queued)
             return self.xa.read_all(entry.path)
         x = entry._xattrs  # fsio.Entry's cache: most entries were read (or prefetched) already
         if x is None:
@@ -249,6 +267,7 @@ class CheckContext:
             # stale. The next round (there is one, since something was fixed) re-checks it;
             # in the last round it is reported as left, never dropped.
             if not self.last_round:
+                self.recheck = True
                 return False
             self.seen.add(finding.key)
             self._emit(Outcome(finding, severity, False, None,
@@ -272,6 +291,10 @@ class CheckContext:
                 note = "not safe to fix without a decision: run with -y or interactively"
             self._emit(Outcome(finding, severity, False, "no", note))
             return False
+        if finding.rechecks:
+            self.recheck = True
+        if finding.batch_ok and self.policy.mode is not Mode.ASK and self._queue(finding, severity):
+            return True
         note = self._apply(finding)
         self._emit(Outcome(finding, severity, note is None, "yes", note))
         return note is None
@@ -288,6 +311,7 @@ class CheckContext:
             return False
         accepted = self._decide(finding, finding.can_preen)
         if accepted:
+            self.recheck = True
             note = self._apply(finding)
             self._emit(Outcome(finding, Severity.INFO, note is None, "yes", note))
             return note is None
@@ -307,10 +331,106 @@ class CheckContext:
             self.listener.before_question(finding)
         return self.asker.ask(finding, can_preen)
 
-    def _apply(self, finding: Finding) -> Optional[str]:
+    # ------------------------------------------------------------------ group commit
+
+    BATCH_OPS = 1024  # operations per group commit
+
+    def _queue(self, finding: Finding, severity: Severity) -> bool:
+        """Report `finding` as fixed and queue its ops for the next group commit. False (and
+        nothing done) when the journal cannot take batches: the caller applies it now."""
+        from ovlfsck.repair import RemoveXattr, SetXattr
+
+        if not all(isinstance(op, (SetXattr, RemoveXattr)) for op in finding.ops):
+            return False
+        journal = self._get_journal()
+        if not hasattr(journal, "apply_batch"):
+            return False
+        if finding.rechecks:
+            # In-place handle rewrites (rechecks=False) change objects of directories the
+            # walk has listed already: what the read-ahead child holds stays true.
+            self._stop_prefetch()
+        for op in finding.ops:
+            self.changed.add((op.layer.name, op.relpath))
+            self.changed_round.add((op.layer.name, op.relpath))
+            self._pending.setdefault(os.path.normpath(os.path.join(op.layer.path, op.relpath)),
+                                     []).append(op)
+        outcome = Outcome(finding, severity, True, "yes")
+        self._batch.append(outcome)
+        self._batch_ops += len(finding.ops)
+        self.xa.before_read = self._before_read
+        self._emit(outcome)
+        if self._batch_ops >= self.BATCH_OPS:
+            self.flush()
+        return True
+
+    def _before_read(self, path: str) -> None:
+        if self._pending and os.path.normpath(path) in self._pending:
+            self.flush()
+
+    def _as_queued(self, path: str, ops: list) -> dict[str, bytes]:
+        """The xattrs `path` has once its queued ops are applied (what the disk shows now,
+        changed as they will change it), without landing the batch."""
+        from ovlfsck.repair import SetXattr
+
+        hook, self.xa.before_read = self.xa.before_read, None
+        try:
+            x = dict(self.xa.read_all(path))
+        finally:
+            self.xa.before_read = hook
+        prefix = self.xa.prefix
+        for op in ops:
+            if not op.name.startswith(prefix):
+                continue
+            suffix = op.name[len(prefix):]
+            if isinstance(op, SetXattr):
+                x[suffix] = op.value
+            else:
+                x.pop(suffix, None)
+        return x
+
+    def flush(self) -> None:
+        """Apply the queued fixes (one group commit). A fix whose operation failed is
+        marked not fixed, with the reason, and counted as an operational error."""
+        batch = self._batch
+        if not batch:
+            return
+        self._batch, self._batch_ops, self._pending = [], 0, {}
+        self.xa.before_read = None
+        ops = [op for o in batch for op in o.finding.ops]
+        try:
+            results = self.journal.apply_batch(ops)
+        except (OSError, ValueError, OperationalError) as exc:
+            results = [str(exc)] * len(ops)
+        self.result.journal = getattr(self.journal, "path", None)
+        k = 0
+        for outcome in batch:
+            n = len(outcome.finding.ops)
+            failed = [r for r in results[k:k + n] if r is not None]
+            k += n
+            if failed:
+                f = outcome.finding
+                outcome.fixed = False
+                outcome.note = f"fix failed: {failed[0]}"
+                self.operational(f"{f.layer.name if f.layer else ''}:{f.path}: fix failed: {failed[0]}")
+
+    def _stop_prefetch(self) -> None:
+        """A write is about to be made: the walk reads everything itself from now on (what
+        the read-ahead child holds may be stale)."""
+        if self.walker is not None and getattr(self.walker, "prefetcher", None) is not None:
+            self.walker.close()
+        elif self.walker is not None:
+            self.walker._prefetch_after = None
+
+    def _get_journal(self):
         if self.journal is None:
             assert self._journal_factory is not None, "a -n run has no journal"
             self.journal = self._journal_factory()
+        return self.journal
+
+    def _apply(self, finding: Finding) -> Optional[str]:
+        self.flush()  # in order: what was queued before is on disk before this
+        self._stop_prefetch()
+        self._get_journal()
         try:
             for op in finding.ops:
                 self.changed.add((op.layer.name, op.relpath))
@@ -327,6 +447,18 @@ class CheckContext:
         self.result.outcomes.append(outcome)
         if self.listener is not None:
             self.listener.on_outcome(outcome)
+
+
+def _flush_quietly(ctx: CheckContext) -> None:
+    """Apply the queued fixes, also when the round ends with an exception (the journal
+    holds every change made; an error here must not hide the one propagating)."""
+    if sys.exc_info()[1] is None:
+        ctx.flush()
+        return
+    try:
+        ctx.flush()
+    except Exception:  # noqa: BLE001 - the propagating exception matters more
+        pass
 
 
 def _progress_bar(stream, round_no: int, delay: float = 1.0, mininterval: float = 0.25):
@@ -389,12 +521,14 @@ def run(
             ctx.fix(Finding(BY_CODE["OVL901"], layer, relpath, f"cannot list: {exc.strerror}"))
             result.errors.append(f"{layer.name}:{relpath or '.'}: {exc.strerror}")
 
-        # The prefetch child reads ahead only for runs that write nothing: a fix would make
-        # what it read stale.
-        walker = Walker(stack, ctx.xa, on_error, prefetch=policy.mode is Mode.NO)
+        # The prefetch child reads ahead until the first fix of the round (what it read
+        # could be stale after a write; the walk then reads everything itself). Fixes of
+        # the rounds before are all on disk (flushed) before it starts.
+        walker = Walker(stack, ctx.xa, on_error, prefetch=True)
         ctx.walker = walker
         ctx.changed_round = set()
         ctx.last_round = round_no == max_rounds - 1
+        ctx.recheck = False
         ctx.features = None
         ctx._round_state = {}
         per_visit = [p.check for p in PASSES if hasattr(p, "check")]
@@ -410,10 +544,14 @@ def run(
             walker.close()
             if bar is not None:
                 bar.close()
-        for p in PASSES:
-            if hasattr(p, "finish"):
-                p.finish(ctx)
-        if sum(1 for o in result.outcomes if o.fixed) == fixed_before:
+            _flush_quietly(ctx)
+        try:
+            for p in PASSES:
+                if hasattr(p, "finish"):
+                    p.finish(ctx)
+        finally:
+            _flush_quietly(ctx)
+        if sum(1 for o in result.outcomes if o.fixed) == fixed_before or not ctx.recheck:
             break
     result.features = ctx.features
     if ctx.journal is not None:

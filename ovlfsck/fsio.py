@@ -17,12 +17,13 @@ import errno
 import fcntl
 import marshal
 import os
+import re
 import select
 import stat
 import struct
 import sys
 from types import MappingProxyType
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import xattr as _xattr
 
@@ -76,12 +77,16 @@ class Xattrs:
         self._prefix_b = self.prefix.encode()
         self._escaped_b = self._escaped.encode()
         self._suffixes: dict[str, str] = {}
+        # Called with the path before a read (the engine lands queued writes of that path).
+        self.before_read: Optional[Callable[[str], None]] = None
 
     def name(self, suffix: str) -> str:
         return self.prefix + suffix
 
     def read_all(self, path: str) -> dict[str, bytes]:
         """All private overlay xattrs of `path` as {suffix: value}; {} if none or unsupported."""
+        if self.before_read is not None:
+            self.before_read(path)
         try:
             names = _xattr.list(path, nofollow=True)
         except OSError as exc:
@@ -112,6 +117,8 @@ class Xattrs:
         return out
 
     def get(self, path: str, suffix: str) -> Optional[bytes]:
+        if self.before_read is not None:
+            self.before_read(path)
         try:
             return _xattr.get(path, self.prefix + suffix, nofollow=True)
         except OSError as exc:
@@ -785,11 +792,14 @@ def quoted(name: str) -> str:
     return "'" + display(name) + "'"
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def display(path: str) -> str:
     """A printable, unambiguous form of a path (newlines and undecodable bytes escaped)."""
     raw = os.fsencode(path)
     text = raw.decode("utf-8", "backslashreplace")
-    if any(ch in text for ch in "\n\r\t\x1b") or any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if _CONTROL.search(text):
         text = "".join(
             c if 32 <= ord(c) != 127 else f"\\x{ord(c):02x}" for c in text
         )

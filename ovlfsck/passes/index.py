@@ -173,6 +173,8 @@ class _State:
         self.active = False
         self.entries: dict[str, _Entry] = {}
         self.lower_files: dict[tuple[int, int], list[_Entry]] = {}
+        self.lower_inos: set[int] = set()  # the st_ino of lower_files' keys (a quick filter)
+        self.lower_inos_of = 0  # len(lower_files) when lower_inos was made
         self.lower_dirs: dict[tuple[int, int], list[_Entry]] = {}
         self.nfs = False
 
@@ -369,6 +371,10 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
                 e.claims.append(rel)
     if st.lower_files:
         wanted = st.lower_files
+        if st.lower_inos_of != len(wanted):
+            st.lower_inos = {key[1] for key in wanted}
+            st.lower_inos_of = len(wanted)
+        inos = st.lower_inos
         for name, chain in visit.chains.items():
             chain_members = chain.members
             if not chain_members:
@@ -377,6 +383,8 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
             entry = m.entry
             if entry.kind is Kind.DIR or m.layer.is_upper or entry.is_dir:
                 continue
+            if entry.dev is not None and entry.ino is not None and entry.ino not in inos:
+                continue  # d_ino stands in for st_ino here (fsio.Entry): not a wanted file
             try:
                 s = entry.lstat()
             except OSError:
@@ -552,6 +560,11 @@ def _moved(ctx: CheckContext, st: _State, e: _Entry) -> bool:
         BY_CODE["OVL620"], work, e.rel, detail, ops=tuple(ops),
         action=f"rename it in place to index/{new_name[:16]}... (keeps its links){extra}",
         preen_ok=new.source in (rehandle.FROM_RECORD, rehandle.FROM_MERGED_DIR),
+        # The checks of the entry itself (its links with the upper aliases, its nlink) are
+        # made on it under its new name by the next round. Not needed when it is a file
+        # still hard-linked with its upper alias (what the kernel made; a copy that kept
+        # hard links): the rename changes nothing else.
+        rechecks=not (e.kind == "file" and bool(e.aliases)),
     ))
     return True
 

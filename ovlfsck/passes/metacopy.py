@@ -47,7 +47,7 @@ from typing import Optional
 
 from ovlfsck import handles, rehandle
 from ovlfsck.engine import CheckContext, Finding
-from ovlfsck.fsio import Entry, Kind, display, lstat_entry
+from ovlfsck.fsio import Entry, Kind, display, lstat_entry, special_items
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import RemoveXattr, SetXattr
 from ovlfsck.stack import Layer
@@ -502,7 +502,9 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
         if layer.is_upper and member.relpath == "" and visit.path == "" and not visit.hidden:
             _check_protattr(ctx, layer, "", ctx.xattrs_of(layer, "", member.entry))
         below = [(m, lst) for m, lst in zip(visit.members[k + 1:], visit.listings[k + 1:])]
-        for name, entry in listing.items():
+        # Entries without overlay xattrs are skipped below: special_items leaves them out
+        # when the listing knows them.
+        for name, entry in special_items(listing):
             kind = entry.get_kind()
             if kind is Kind.GONE:
                 continue

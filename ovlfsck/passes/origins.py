@@ -27,7 +27,7 @@ from typing import Optional
 
 from ovlfsck import handles, rehandle
 from ovlfsck.engine import CheckContext, Finding
-from ovlfsck.fsio import Entry, quoted
+from ovlfsck.fsio import Entry, quoted, special_items
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import Quarantine, RemoveXattr, SetXattr
 from ovlfsck.stack import Layer, Role
@@ -319,7 +319,9 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
             parent_impure = True  # the upper is read completely (impure is checked there)
         else:
             parent_impure = ctx.xattrs_of(layer, member.relpath, member.entry).get("impure") == b"y"
-        for name, entry in visit.listings[i].items():
+        # Only entries with overlay xattrs can have an origin (special_items: those, when the
+        # listing knows them; every entry otherwise).
+        for name, entry in special_items(visit.listings[i]):
             if entry.is_chr_whiteout():
                 continue
             is_dir = entry.is_dir
@@ -670,6 +672,8 @@ def _rewrite(ctx: CheckContext, st: _State, layer: Layer, relpath: str, fh: hand
         ops=(SetXattr(layer, relpath, ctx.xname("origin"), new.fh.encode()),),
         action=f"set origin to {new.describe()}",
         preen_ok=new.source == rehandle.FROM_RECORD,
+        batch_ok=True,  # one xattr per file, thousands after a copy: group-committed
+        rechecks=False,
     ))
 
 
@@ -853,6 +857,8 @@ def _check_merged_dir(ctx: CheckContext, st: _State, layer: Layer, relpath: str,
         ops=(SetXattr(layer, relpath, ctx.xname("origin"), new.encode()),),
         action=f"set origin to the handle of {target} ({handles.describe_fid(new)})",
         preen_ok=(not elsewhere) if layer.is_upper else False,
+        batch_ok=True,  # one xattr per directory, thousands after a copy: group-committed
+        rechecks=code != "OVL520",
     ))
 
 
@@ -1101,7 +1107,7 @@ def _check_root_origin(ctx: CheckContext, st: _State, upper: Layer, lower0: Laye
         f"{why}; a mount with index=on fails: failed to verify upper root origin",
         ops=(SetXattr(upper, "", ctx.xname("origin"), new.encode()),),
         action=f"set origin to the handle of {lower0.name}'s root ({handles.describe_fid(new)})",
-        preen_ok=preen,
+        preen_ok=preen, rechecks=False,
     ))
 
 
@@ -1147,5 +1153,5 @@ def _check_index_upper(ctx: CheckContext, st: _State, upper: Layer, raw: bytes) 
         f"{why}; a mount with index=on fails: failed to verify index dir 'upper' xattr",
         ops=(SetXattr(work, "index", ctx.xname("upper"), new.encode()),),
         action=f"set upper to the handle of the upper root ({handles.describe_fid(new)})",
-        preen_ok=_isolated(st) and not other_upper,
+        preen_ok=_isolated(st) and not other_upper, rechecks=False,
     ))

@@ -1,0 +1,199 @@
+"""Group commit of xattr fixes (issue 5, repair throughput).
+
+* `Journal.apply_batch`: the same records as `apply()` (undo restores every old value), one
+  write-ahead barrier for the batch, a failed operation recorded as failed without stopping
+  the others;
+* the engine: a queued fix is reported at once, a read of the written object through the
+  context sees the queued value, a read through `ctx.xa` lands the batch first, and a round
+  whose fixes all rewrite handles in place (`rechecks=False`) is not walked again.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import xattr
+
+from ovlfsck import engine
+from ovlfsck.engine import CheckContext, Finding, LayerInfo, Mode, Policy, RunResult
+from ovlfsck.problems import BY_CODE
+from ovlfsck.repair import Journal, Quarantine, RemoveXattr, SetXattr, undo
+from ovlfsck.stack import build_stack
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (trusted.* xattrs)")
+pytestmark = needs_root
+NS = "trusted.overlay."
+
+
+def records(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture
+def stack(tmp_path):
+    for d in ("lower", "upper/d", "work/index", "work/work"):
+        (tmp_path / d).mkdir(parents=True)
+    for name in ("a", "b", "d/c"):
+        (tmp_path / "upper" / name).write_text(name)
+    xattr.set(str(tmp_path / "upper/a"), NS + "origin", b"old-a", nofollow=True)
+    xattr.set(str(tmp_path / "upper/b"), NS + "origin", b"old-b", nofollow=True)
+    return build_stack(lowers=[str(tmp_path / "lower")], upper=str(tmp_path / "upper"),
+                       work=str(tmp_path / "work"))
+
+
+def xget(stack, rel, suffix):
+    try:
+        return xattr.get(os.path.join(stack.upper.path, rel), NS + suffix, nofollow=True)
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------- the journal
+
+
+def test_apply_batch_writes_all_and_undo_restores_all(stack):
+    up = stack.upper
+    ops = [SetXattr(up, "a", NS + "origin", b"new-a"), SetXattr(up, "d/c", NS + "origin", b"c"),
+           RemoveXattr(up, "b", NS + "origin")]
+    with Journal.create(stack) as j:
+        assert j.apply_batch(ops) == [None, None, None]
+    assert (xget(stack, "a", "origin"), xget(stack, "d/c", "origin"), xget(stack, "b", "origin")) \
+        == (b"new-a", b"c", None)
+    recs = records(j.path)
+    kinds = [r.get("rec") for r in recs[1:]]
+    # every op record comes before every change (and its done record)
+    assert kinds == ["op", "op", "op", "done", "done", "done", "end"], kinds
+    lines = undo(j.path, stack)
+    assert len(lines) == 3 and not lines.refused, lines
+    assert (xget(stack, "a", "origin"), xget(stack, "d/c", "origin"), xget(stack, "b", "origin")) \
+        == (b"old-a", None, b"old-b")
+
+
+def test_a_failed_operation_does_not_stop_the_others(stack):
+    up = stack.upper
+    ops = [SetXattr(up, "missing", NS + "origin", b"x"), RemoveXattr(up, "d/c", NS + "origin"),
+           SetXattr(up, "b", NS + "origin", b"new-b")]
+    with Journal.create(stack) as j:
+        res = j.apply_batch(ops)
+    assert res[0] and "no such file" in res[0]
+    assert res[1] and "has no xattr" in res[1]
+    assert res[2] is None and xget(stack, "b", "origin") == b"new-b"
+    assert [r["rec"] for r in records(j.path)[1:]] == ["op", "done", "end"]
+
+
+def test_an_object_replaced_after_planning_is_not_written(stack, monkeypatch):
+    up = stack.upper
+    from ovlfsck import repair
+
+    real_sync = Journal._sync
+    path = os.path.join(up.path, "a")
+
+    def replace_then_sync(self):
+        os.rename(os.path.join(up.path, "b"), path)  # another inode at that path now
+        monkeypatch.setattr(Journal, "_sync", real_sync)
+        real_sync(self)
+
+    monkeypatch.setattr(Journal, "_sync", replace_then_sync)
+    with Journal.create(stack) as j:
+        res = j.apply_batch([SetXattr(up, "a", NS + "origin", b"new-a")])
+    assert res[0] and "replaced" in res[0]
+    assert xget(stack, "a", "origin") == b"old-b"  # the other file was not touched
+    assert [r["rec"] for r in records(j.path)[1:]] == ["op", "failed", "end"]
+    assert repair  # the module under test
+
+
+def test_only_xattr_operations_are_batched(stack):
+    with Journal.create(stack) as j:
+        with pytest.raises(TypeError):
+            j.apply_batch([Quarantine(stack.upper, "a")])
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def make_ctx(stack, mode=Mode.YES) -> CheckContext:
+    infos = {lay.name: LayerInfo(writable=True) for lay in stack.all_layers}
+    return CheckContext(stack, "trusted", Policy(mode), infos, lambda: Journal.create(stack),
+                        None, None, RunResult())
+
+
+def finding(stack, rel, value, **kw) -> Finding:
+    return Finding(BY_CODE["OVL520"], stack.upper, rel, "test",
+                   ops=(SetXattr(stack.upper, rel, NS + "origin", value),), **kw)
+
+
+def test_a_queued_fix_is_reported_and_written_at_the_flush(stack):
+    ctx = make_ctx(stack)
+    assert ctx.fix(finding(stack, "a", b"new-a", batch_ok=True))
+    assert ctx.result.outcomes[-1].fixed
+    assert xget(stack, "a", "origin") == b"old-a"  # queued, not written yet
+    ctx.flush()
+    assert xget(stack, "a", "origin") == b"new-a"
+    ctx.journal.close()
+
+
+def test_reads_see_the_queued_value_or_land_the_batch(stack):
+    from ovlfsck.fsio import lstat_entry
+
+    ctx = make_ctx(stack)
+    ctx.fix(finding(stack, "a", b"new-a", batch_ok=True))
+    entry = lstat_entry(os.path.join(stack.upper.path, "a"))
+    # through the context: the value it will have, the batch still queued
+    assert ctx.xattrs_of(stack.upper, "a", entry)["origin"] == b"new-a"
+    assert xget(stack, "a", "origin") == b"old-a"
+    # a direct read of that object lands the batch first
+    assert ctx.xa.read_all(os.path.join(stack.upper.path, "a"))["origin"] == b"new-a"
+    assert xget(stack, "a", "origin") == b"new-a" and not ctx._batch
+    ctx.journal.close()
+
+
+def test_an_immediate_fix_lands_the_batch_before_it(stack):
+    ctx = make_ctx(stack)
+    ctx.fix(finding(stack, "a", b"new-a", batch_ok=True))
+    ctx.fix(finding(stack, "b", b"new-b"))  # not batchable: applied now, after the batch
+    ctx.journal.close()
+    seqs = [(r["path"], r["seq"]) for r in records(ctx.journal.path) if r.get("rec") == "op"]
+    assert seqs == [("a", 1), ("b", 2)]
+
+
+def test_a_failed_queued_fix_is_reported_as_not_fixed(stack):
+    ctx = make_ctx(stack)
+    ctx.fix(finding(stack, "gone", b"x", batch_ok=True))
+    ctx.flush()
+    out = ctx.result.outcomes[-1]
+    assert not out.fixed and out.note.startswith("fix failed") and ctx.result.errors
+    ctx.journal.close()
+
+
+def test_interactive_runs_apply_each_fix_at_once(stack):
+    class Yes:
+        def ask(self, finding, default):
+            return True
+
+    ctx = make_ctx(stack, Mode.ASK)
+    ctx.asker = Yes()
+    ctx.fix(finding(stack, "a", b"new-a", batch_ok=True))
+    assert xget(stack, "a", "origin") == b"new-a" and not ctx._batch
+    ctx.journal.close()
+
+
+@pytest.mark.parametrize("rechecks, rounds", [(False, 1), (True, 2)])
+def test_a_round_of_in_place_rewrites_is_not_walked_again(stack, monkeypatch, rechecks, rounds):
+    """A pass that fixes `a` once: with rechecks=False the run stops after that round."""
+    import types
+
+    walks = []
+
+    def check(ctx, visit):
+        if visit.path == "":
+            walks.append(1)
+            if xget(stack, "a", "origin") == b"old-a":
+                ctx.fix(finding(stack, "a", b"new-a", batch_ok=True, rechecks=rechecks))
+
+    monkeypatch.setattr("ovlfsck.passes.PASSES", (types.SimpleNamespace(check=check),))
+    result = engine.run(stack, Policy(Mode.YES), None)
+    assert xget(stack, "a", "origin") == b"new-a"
+    assert len(walks) == rounds
+    assert [o.fixed for o in result.outcomes] == [True]
