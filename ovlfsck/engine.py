@@ -52,10 +52,10 @@ class Finding:
     action: Optional[str] = None  # what the fix does, for the report
     preen_ok: Optional[bool] = None  # overrides the catalog (e.g. an ambiguous duplicate)
     compat: Optional[tuple[str, str]] = None  # fsck.overlay wording when it differs per fix
-    # The fix only writes xattrs (SetXattr/RemoveXattr) and nothing of this round needs its
-    # result at once: without questions it may be group-committed with others (one journal
-    # fsync per batch instead of three per operation). Reads of a written object's xattrs
-    # through ctx.xa make the batch land first.
+    # The fix only writes xattrs or renames (SetXattr/RemoveXattr/Rename) and nothing of
+    # this round needs its result at once: without questions it may be group-committed with
+    # others (one journal fsync per batch instead of two or three per operation). Reads of
+    # a changed path through ctx.xa make the batch land first (ctx.land() for other reads).
     batch_ok: bool = False
     # False: the fix rewrites a handle in place (same object, same type, the new value
     # computed from what the object now is), which changes nothing another check of this
@@ -338,13 +338,17 @@ class CheckContext:
     def _queue(self, finding: Finding, severity: Severity) -> bool:
         """Report `finding` as fixed and queue its ops for the next group commit. False (and
         nothing done) when the journal cannot take batches: the caller applies it now."""
-        from ovlfsck.repair import RemoveXattr, SetXattr
+        from ovlfsck.repair import RemoveXattr, Rename, SetXattr
 
-        if not all(isinstance(op, (SetXattr, RemoveXattr)) for op in finding.ops):
+        if not all(isinstance(op, (SetXattr, RemoveXattr, Rename)) for op in finding.ops):
             return False
         journal = self._get_journal()
         if not hasattr(journal, "apply_batch"):
             return False
+        paths = [_host(op.layer, op.relpath) for op in finding.ops]
+        paths += [_host(op.layer, op.new_relpath) for op in finding.ops if isinstance(op, Rename)]
+        if any(p in self._pending for p in paths):
+            self.flush()  # a batch is planned against the state before it: one change per path
         if finding.rechecks:
             # In-place handle rewrites (rechecks=False) change objects of directories the
             # walk has listed already: what the read-ahead child holds stays true.
@@ -352,8 +356,11 @@ class CheckContext:
         for op in finding.ops:
             self.changed.add((op.layer.name, op.relpath))
             self.changed_round.add((op.layer.name, op.relpath))
-            self._pending.setdefault(os.path.normpath(os.path.join(op.layer.path, op.relpath)),
-                                     []).append(op)
+            self._pending.setdefault(_host(op.layer, op.relpath), []).append(op)
+            if isinstance(op, Rename):
+                self.changed.add((op.layer.name, op.new_relpath))
+                self.changed_round.add((op.layer.name, op.new_relpath))
+                self._pending.setdefault(_host(op.layer, op.new_relpath), []).append(op)
         outcome = Outcome(finding, severity, True, "yes")
         self._batch.append(outcome)
         self._batch_ops += len(finding.ops)
@@ -367,11 +374,19 @@ class CheckContext:
         if self._pending and os.path.normpath(path) in self._pending:
             self.flush()
 
+    def land(self, path: str) -> None:
+        """Make the queued fixes that change host path `path` (if any) land on disk: call
+        before looking at that path other than through ctx.xa (lstat, exists...)."""
+        self._before_read(path)
+
     def _as_queued(self, path: str, ops: list) -> dict[str, bytes]:
         """The xattrs `path` has once its queued ops are applied (what the disk shows now,
         changed as they will change it), without landing the batch."""
-        from ovlfsck.repair import SetXattr
+        from ovlfsck.repair import Rename, SetXattr
 
+        if any(isinstance(op, Rename) for op in ops):
+            self.flush()  # the object moves: read what is there once it has
+            return self.xa.read_all(path)
         hook, self.xa.before_read = self.xa.before_read, None
         try:
             x = dict(self.xa.read_all(path))
@@ -447,6 +462,10 @@ class CheckContext:
         self.result.outcomes.append(outcome)
         if self.listener is not None:
             self.listener.on_outcome(outcome)
+
+
+def _host(layer: Layer, relpath: str) -> str:
+    return os.path.normpath(os.path.join(layer.path, relpath))
 
 
 def _flush_quietly(ctx: CheckContext) -> None:

@@ -14,9 +14,10 @@ Every change ovlfsck makes to a layer is one of the operations below, applied th
 4. a `done` record is appended; the next record's fsync (at the latest the `end` record's)
    makes it durable: an operation without one is inspected by undo, never trusted.
 
-`Journal.apply_batch()` group-commits xattr operations (SetXattr, RemoveXattr) the same
-way: every record of the batch is written and fsynced once before the first change, the
-changed filesystems are synced once (syncfs), then the `done` records follow.
+`Journal.apply_batch()` group-commits xattr operations and renames (SetXattr, RemoveXattr,
+Rename) the same way: every record of the batch is written and fsynced once before the
+first change, the changed filesystems are synced once (syncfs), then the `done` records
+follow.
 
 Nothing is ever deleted: what `Quarantine` removes is renamed into
 `<work>/ovlfsck/quarantine/<run-id>/<seq>` (same filesystem: the inode, its hard links —
@@ -820,80 +821,102 @@ class Journal:
             self._write({"rec": "done", "seq": seq, "at": _now(), **(result or {})}, sync=False)
 
     def apply_batch(self, ops: list) -> list[Optional[str]]:
-        """Group commit of xattr operations (SetXattr, RemoveXattr): the same records and the
-        same write-ahead rule as `apply()`, with one journal fsync for the whole batch
-        instead of three fsyncs per operation.
+        """Group commit of xattr operations and renames (SetXattr, RemoveXattr, Rename): the
+        same records and the same write-ahead rule as `apply()`, with one journal fsync for
+        the whole batch instead of two or three per operation.
 
-        Every operation is planned (its path checked, its old value read) and its record
-        written; the journal is fsynced once, so no change is made before every record that
-        restores it is on disk; the changes are made (each object checked to be the one
-        planned); the filesystems touched are synced once (syncfs); then the `done` records
-        are written and fsynced once. Returns, per operation, None or why it failed (a
-        failed operation does not stop the others: they touch other objects). A bad path
-        raises before anything of the batch is written.
+        Every operation is planned (its path checked, the state it changes read) and its
+        record written; the journal is fsynced once, so no change is made before every
+        record that restores it is on disk; the changes are made in order (each object
+        checked to be the one planned); the filesystems touched are synced once (syncfs);
+        then the `done` records are written and fsynced once. Returns, per operation, None
+        or why it failed (a failed operation does not stop the others). A bad path raises
+        before anything of the batch is written. Directories are opened once per batch.
         """
         if self._closed:
             raise OperationalError("the journal is closed")
         planned = []
         for op in ops:
-            if not isinstance(op, (SetXattr, RemoveXattr)):
-                raise TypeError(f"not an xattr operation: {op!r}")
+            if not isinstance(op, (SetXattr, RemoveXattr, Rename)):
+                raise TypeError(f"not an operation that can be batched: {op!r}")
             layer = self._check_layer(op.layer)
             comps = split_relpath(op.relpath)
-            self._check_not_state(layer, comps, False)
-            planned.append((op, layer, comps))
+            moves = isinstance(op, Rename)
+            self._check_not_state(layer, comps, moves)
+            new_comps = None
+            if moves:
+                new_comps = split_relpath(op.new_relpath)
+                self._check_not_state(layer, new_comps, moves)
+                if not comps or not new_comps:
+                    raise UnsafePathError(f"{_show(layer.name, op.relpath)}: the root cannot be moved")
+            planned.append((op, layer, comps, new_comps))
         results: list[Optional[str]] = [None] * len(planned)
         records = []
         self._ensure_open()
-        for i, (op, layer, comps) in enumerate(planned):
-            try:
-                with _Resolved(layer, comps, self._root_ident(layer)) as loc:
-                    st = loc.stat_existing()
-                    old = _xattr_get(loc.dirfd, loc.name, op.name)
-            except (OSError, OperationalError) as exc:
-                results[i] = getattr(exc, "strerror", None) or str(exc)
-                continue
-            if isinstance(op, RemoveXattr) and old is None:
-                results[i] = f"{_show(layer.name, op.relpath)}: has no xattr {op.name} to remove"
-                continue
-            self._seq += 1
-            rec = {"rec": "op", "seq": self._seq, "op": _KIND[type(op)], "layer": layer.name,
-                   "path": op.relpath, "at": _now(), "name": op.name, "target": _ident(st),
-                   "old": {"present": old is not None, "value": _b64(old) if old is not None else None}}
-            if isinstance(op, SetXattr):
-                rec["value"] = _b64(op.value)
-            self._write(rec, sync=False)
-            records.append((i, rec))
-        if not records:
-            return results
-        self._sync()  # the write-ahead barrier: every record before any change
-        done = []
-        roots: dict[str, Layer] = {}
-        for i, rec in records:
-            op, layer, comps = planned[i]
-            try:
-                with _Resolved(layer, comps, self._root_ident(layer)) as loc:
-                    st = loc.stat_existing()
-                    if not _same_ident(st, rec["target"]):
-                        raise OperationalError(f"{loc.show}: replaced since it was planned")
-                    if isinstance(op, SetXattr):
-                        _xattr_set(loc.dirfd, loc.name, op.name, op.value)
+        with _DirCache(self) as dirs:
+            for i, (op, layer, comps, new_comps) in enumerate(planned):
+                try:
+                    dirfd, name = dirs.parent(layer, comps)
+                    st = _lstat(dirfd, name)
+                    if st is None:
+                        raise OperationalError(f"{_show(layer.name, op.relpath)}: no such file or directory")
+                    rec = {"rec": "op", "seq": 0, "op": _KIND[type(op)], "layer": layer.name,
+                           "path": op.relpath, "at": _now()}
+                    if isinstance(op, Rename):
+                        newdir, new_name = dirs.parent(layer, new_comps)
+                        if _lstat(newdir, new_name) is not None:
+                            raise OperationalError(f"{_show(layer.name, op.new_relpath)}: already exists")
+                        rec.update({"new_path": op.new_relpath, "target": _ident(st)})
                     else:
-                        _xattr_remove(loc.dirfd, loc.name, op.name)
-            except (OSError, OperationalError) as exc:
-                why = getattr(exc, "strerror", None) or str(exc)
-                results[i] = why
-                self._write({"rec": "failed", "seq": rec["seq"], "at": _now(),
-                             "error": f"{type(exc).__name__}: {why}"}, sync=False,
-                            best_effort=True)
-                continue
-            roots.setdefault(layer.path, layer)
-            done.append(rec["seq"])
-        for layer in roots.values():
-            _syncfs(layer.path)
-        for seq in done:
-            self._write({"rec": "done", "seq": seq, "at": _now()}, sync=False)
-        self._sync()
+                        old = _xattr_get(dirfd, name, op.name)
+                        if isinstance(op, RemoveXattr) and old is None:
+                            raise OperationalError(
+                                f"{_show(layer.name, op.relpath)}: has no xattr {op.name} to remove")
+                        rec.update({"name": op.name, "target": _ident(st),
+                                    "old": {"present": old is not None,
+                                            "value": _b64(old) if old is not None else None}})
+                        if isinstance(op, SetXattr):
+                            rec["value"] = _b64(op.value)
+                except (OSError, OperationalError) as exc:
+                    results[i] = getattr(exc, "strerror", None) or str(exc)
+                    continue
+                self._seq += 1
+                rec["seq"] = self._seq
+                records.append((i, rec))
+            if not records:
+                return results
+            self._write_many([rec for _i, rec in records])
+            self._sync()  # the write-ahead barrier: every record before any change
+            tail = []
+            roots: dict[str, Layer] = {}
+            for i, rec in records:
+                op, layer, comps, new_comps = planned[i]
+                try:
+                    dirfd, name = dirs.parent(layer, comps)
+                    st = _lstat(dirfd, name)
+                    if st is None or not _same_ident(st, rec["target"]):
+                        raise OperationalError(
+                            f"{_show(layer.name, op.relpath)}: replaced since it was planned")
+                    if isinstance(op, SetXattr):
+                        _xattr_set(dirfd, name, op.name, op.value)
+                    elif isinstance(op, RemoveXattr):
+                        _xattr_remove(dirfd, name, op.name)
+                    else:
+                        newdir, new_name = dirs.parent(layer, new_comps)
+                        _rename_noreplace(dirfd, name, newdir, new_name)
+                        dirs.moved(layer, comps)
+                except (OSError, OperationalError) as exc:
+                    why = getattr(exc, "strerror", None) or str(exc)
+                    results[i] = why
+                    tail.append({"rec": "failed", "seq": rec["seq"], "at": _now(),
+                                 "error": f"{type(exc).__name__}: {why}"})
+                    continue
+                roots.setdefault(layer.path, layer)
+                tail.append({"rec": "done", "seq": rec["seq"], "at": _now()})
+            for layer in roots.values():
+                _syncfs(layer.path)
+            self._write_many(tail)
+            self._sync()
         return results
 
     def close(self) -> None:
@@ -1131,6 +1154,17 @@ class Journal:
             raise OperationalError(f"{self.path}: cannot write the journal: {exc.strerror}") \
                 from exc
 
+    def _write_many(self, recs: list[dict]) -> None:
+        """Append records with one write (not fsynced)."""
+        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs)
+        view = memoryview(data.encode("utf-8", "surrogatepass"))
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            raise OperationalError(f"{self.path}: cannot write the journal: {exc.strerror}") \
+                from exc
+
     def _sync(self) -> None:
         try:
             os.fsync(self._fd)
@@ -1210,6 +1244,56 @@ def _open_state_dir(stack: Stack, directory: str) -> int:
         except FileExistsError:
             pass
     return fd
+
+
+class _DirCache:
+    """The directories of one batch, each opened once (like `_Resolved`: the layer root
+    checked against the journal's identity, then one component at a time, never through a
+    symlink). At most MAX directories stay open."""
+
+    MAX = 256
+
+    def __init__(self, journal: "Journal") -> None:
+        self.journal = journal
+        self.roots: dict[str, int] = {}
+        self.dirs: dict[tuple[str, tuple[str, ...]], int] = {}
+
+    def __enter__(self) -> "_DirCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close(self.dirs)
+        self._close(self.roots)
+
+    @staticmethod
+    def _close(fds: dict) -> None:
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+
+    def parent(self, layer: Layer, comps: tuple[str, ...]) -> tuple[int, str]:
+        """(fd of the parent directory, name) of the object `comps` of `layer`."""
+        if not comps:
+            return self._root(layer), "."
+        key = (layer.name, comps[:-1])
+        fd = self.dirs.get(key)
+        if fd is None:
+            if len(self.dirs) >= self.MAX:
+                self._close(self.dirs)
+            fd = self.dirs[key] = _walk_dirs(self._root(layer), comps[:-1], layer.name)
+        return fd, comps[-1]
+
+    def _root(self, layer: Layer) -> int:
+        fd = self.roots.get(layer.name)
+        if fd is None:
+            fd = self.roots[layer.name] = _open_root(layer.path, self.journal._root_ident(layer))
+        return fd
+
+    def moved(self, layer: Layer, comps: tuple[str, ...]) -> None:
+        """`comps` was renamed: forget the directories opened through it."""
+        n = len(comps)
+        for key in [k for k in self.dirs if k[0] == layer.name and k[1][:n] == comps]:
+            os.close(self.dirs.pop(key))
 
 
 class _Resolved:

@@ -40,12 +40,13 @@ class Layer:
     index: int
     path: str
     depth: int = 0
+    # "upper", "work", "lower:N", "data:N": made once (it is asked for per entry).
+    name: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def name(self) -> str:
-        if self.role in (Role.UPPER, Role.WORK):
-            return self.role.value
-        return f"{self.role.value}:{self.index}"
+    def __post_init__(self) -> None:
+        name = (self.role.value if self.role in (Role.UPPER, Role.WORK)
+                else f"{self.role.value}:{self.index}")
+        object.__setattr__(self, "name", name)
 
     @property
     def is_upper(self) -> bool:

@@ -44,20 +44,8 @@ def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
-# Layer.name is a property that formats a string at every call: cache it per Layer object
-# (identity, not equality: a frozen dataclass hashes all its fields).
-_LAYER_NAMES: dict[int, tuple[Layer, str]] = {}
-
-
 def layer_name(layer: Layer) -> str:
-    cached = _LAYER_NAMES.get(id(layer))
-    if cached is not None and cached[0] is layer:
-        return cached[1]
-    if len(_LAYER_NAMES) > 4096:
-        _LAYER_NAMES.clear()
-    name = layer.name
-    _LAYER_NAMES[id(layer)] = (layer, name)
-    return name
+    return layer.name  # a plain attribute (made once per Layer)
 
 
 class Member:

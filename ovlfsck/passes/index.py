@@ -550,6 +550,7 @@ def _moved(ctx: CheckContext, st: _State, e: _Entry) -> bool:
     detail = (f"{_kind_label(e)} entry; {why_stale}; it stands for {new.where}, found from "
               f"{new.source}, whose handle is {handles.describe_fid(new.fh)}")
     new_rel = f"index/{new_name}"
+    ctx.land(os.path.join(work.path, new_rel))  # a queued rename may be making it
     if os.path.lexists(os.path.join(work.path, new_rel)):
         ctx.fix(Finding(BY_CODE["OVL620"], work, e.rel,
                         detail + f"; an entry of the new name exists already ({new_rel[:22]}...): "
@@ -565,6 +566,7 @@ def _moved(ctx: CheckContext, st: _State, e: _Entry) -> bool:
         # still hard-linked with its upper alias (what the kernel made; a copy that kept
         # hard links): the rename changes nothing else.
         rechecks=not (e.kind == "file" and bool(e.aliases)),
+        batch_ok=True,  # hundreds after a copy: group-committed
     ))
     return True
 

@@ -72,7 +72,9 @@ class _State:
     real_verified: int = 0
     null_example: Optional[str] = None
     pending: list[_Pending] = field(default_factory=list)
-    claims: dict[tuple, list[_Claim]] = field(default_factory=dict)
+    # origin (uuid + fid_type + fid) -> (relpath, st_dev, st_ino, at_own_path, indexed), or a
+    # list of those when several upper entries carry that origin
+    claims: dict[bytes, object] = field(default_factory=dict)
     root_dev: dict[str, int] = field(default_factory=dict)
     undecodable: Optional[str] = None  # why open_by_handle_at could not be used
     moved: list["_Moved"] = field(default_factory=list)  # indexed files to rehandle after the walk
@@ -492,8 +494,17 @@ def _claim(st: _State, fh: handles.OvlFh, relpath: str, entry: Entry, own: bool,
         s = entry.lstat()
     except OSError:
         return
-    st.claims.setdefault((fh.uuid, fh.fid_type, fh.fid), []).append(
-        _Claim(relpath, (s.st_dev, s.st_ino), own, indexed))
+    # Kept for every upper entry with an origin until the end of the walk: compact (one
+    # bytes key, one tuple; a list only for an origin claimed more than once).
+    key = fh.uuid + bytes((fh.fid_type,)) + fh.fid
+    c = (relpath, s.st_dev, s.st_ino, own, indexed)
+    prev = st.claims.get(key)
+    if prev is None:
+        st.claims[key] = c
+    elif type(prev) is list:
+        prev.append(c)
+    else:
+        st.claims[key] = [prev, c]
 
 
 def _pd2(host_path: str) -> str:
@@ -983,12 +994,15 @@ def _finish_pending(ctx: CheckContext, st: _State) -> None:
 def _finish_claims(ctx: CheckContext, st: _State) -> None:
     upper = ctx.stack.upper
     for key, claims in st.claims.items():
+        if type(claims) is not list:
+            continue  # one claim
         groups: dict[tuple[int, int], list[_Claim]] = {}
-        for c in claims:
-            groups.setdefault(c.upper_key, []).append(c)
+        for relpath, dev, ino, own, indexed in claims:
+            groups.setdefault((dev, ino), []).append(_Claim(relpath, (dev, ino), own, indexed))
         if len(groups) < 2:
             continue
-        fh = handles.OvlFh(flags=handles.CPU_ENDIAN_FLAG, fid_type=key[1], uuid=key[0], fid=key[2])
+        fh = handles.OvlFh(flags=handles.CPU_ENDIAN_FLAG, fid_type=key[16], uuid=key[:16],
+                           fid=key[17:])
         res = _resolve(ctx, st, upper, fh)
         if res.kind != "found" or res.decoded is None or res.decoded.st.st_nlink != 1:
             continue  # st_ino is not taken from a lower object with several links

@@ -197,3 +197,43 @@ def test_a_round_of_in_place_rewrites_is_not_walked_again(stack, monkeypatch, re
     assert xget(stack, "a", "origin") == b"new-a"
     assert len(walks) == rounds
     assert [o.fixed for o in result.outcomes] == [True]
+
+
+def test_renames_are_batched_in_order_and_undone(stack):
+    from ovlfsck.repair import Rename
+
+    work = stack.work
+    idx = os.path.join(work.path, "index")
+    with open(os.path.join(idx, "old1"), "w") as fh:
+        fh.write("1")
+    xattr.set(os.path.join(idx, "old1"), NS + "origin", b"o1", nofollow=True)
+    ops = [SetXattr(work, "index/old1", NS + "origin", b"n1"),  # before the rename, by its old name
+           Rename(work, "index/old1", "index/new1"),
+           Rename(work, "index/absent", "index/new2"),
+           Rename(stack.upper, "a", "d/a-moved")]
+    with Journal.create(stack) as j:
+        res = j.apply_batch(ops)
+    assert res[:2] == [None, None] and res[3] is None
+    assert res[2] and "no such file" in res[2]
+    assert os.listdir(idx) == ["new1"]
+    assert xattr.get(os.path.join(idx, "new1"), NS + "origin", nofollow=True) == b"n1"
+    assert os.path.exists(os.path.join(stack.upper.path, "d/a-moved"))
+    lines = undo(j.path, stack)
+    assert len(lines) == 3 and not lines.refused, lines
+    assert os.listdir(idx) == ["old1"]
+    assert xattr.get(os.path.join(idx, "old1"), NS + "origin", nofollow=True) == b"o1"
+    assert os.path.exists(os.path.join(stack.upper.path, "a"))
+
+
+def test_a_queued_rename_lands_before_its_target_is_looked_at(stack):
+    from ovlfsck.repair import Rename
+
+    ctx = make_ctx(stack)
+    f = Finding(BY_CODE["OVL620"], stack.upper, "a", "test",
+                ops=(Rename(stack.upper, "a", "a2"),), batch_ok=True)
+    assert ctx.fix(f)
+    target = os.path.join(stack.upper.path, "a2")
+    assert not os.path.exists(target)  # queued
+    ctx.land(target)
+    assert os.path.exists(target) and not ctx._batch
+    ctx.journal.close()
