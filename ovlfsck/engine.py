@@ -333,7 +333,7 @@ class CheckContext:
 
     # ------------------------------------------------------------------ group commit
 
-    BATCH_OPS = 1024  # operations per group commit
+    BATCH_OPS = 4096  # operations per group commit
 
     def _queue(self, finding: Finding, severity: Severity) -> bool:
         """Report `finding` as fixed and queue its ops for the next group commit. False (and

@@ -16,8 +16,9 @@ Every change ovlfsck makes to a layer is one of the operations below, applied th
 
 `Journal.apply_batch()` group-commits xattr operations and renames (SetXattr, RemoveXattr,
 Rename) the same way: every record of the batch is written and fsynced once before the
-first change, the changed filesystems are synced once (syncfs), then the `done` records
-follow.
+first change; the `done` records of all batches are written when the journal is closed,
+after one syncfs of each filesystem the batches changed (until then, as after a crash, undo
+inspects those operations).
 
 Nothing is ever deleted: what `Quarantine` removes is renamed into
 `<work>/ovlfsck/quarantine/<run-id>/<seq>` (same filesystem: the inode, its hard links —
@@ -754,6 +755,8 @@ class Journal:
         self._layers: dict[str, dict] = {}
         self._closed = False
         self._state_real: Optional[str] = None  # realpath of `directory`, once
+        self._undone: list[dict] = []  # done records of batches, written at close
+        self._unsynced: dict[str, Layer] = {}  # filesystems batches changed, synced at close
 
     @classmethod
     def create(cls, stack: Stack, directory: Optional[str] = None) -> "Journal":
@@ -828,9 +831,9 @@ class Journal:
         Every operation is planned (its path checked, the state it changes read) and its
         record written; the journal is fsynced once, so no change is made before every
         record that restores it is on disk; the changes are made in order (each object
-        checked to be the one planned); the filesystems touched are synced once (syncfs);
-        then the `done` records are written and fsynced once. Returns, per operation, None
-        or why it failed (a failed operation does not stop the others). A bad path raises
+        checked to be the one planned); their `done` records are written by close(), after
+        one syncfs of each filesystem the batches touched. Returns, per operation, None or
+        why it failed (a failed operation does not stop the others). A bad path raises
         before anything of the batch is written. Directories are opened once per batch.
         """
         if self._closed:
@@ -913,10 +916,14 @@ class Journal:
                     continue
                 roots.setdefault(layer.path, layer)
                 tail.append({"rec": "done", "seq": rec["seq"], "at": _now()})
-            for layer in roots.values():
-                _syncfs(layer.path)
-            self._write_many(tail)
-            self._sync()
+            failed = [r for r in tail if r["rec"] == "failed"]
+            if failed:
+                self._write_many(failed)
+            # The done records wait for the end of the run (close: one syncfs per touched
+            # filesystem, then all of them): until then undo inspects these operations.
+            self._undone.extend(r for r in tail if r["rec"] == "done")
+            for path, layer in roots.items():
+                self._unsynced.setdefault(path, layer)
         return results
 
     def close(self) -> None:
@@ -926,12 +933,30 @@ class Journal:
         self._closed = True
         try:
             if self._fd is not None:
+                self._finish_batches()
                 self._write({"rec": "end", "at": _now(), "ops": self._seq}, best_effort=True)
         finally:
             for fd in (self._qfd, self._dirfd, self._fd):
                 if fd is not None:
                     os.close(fd)
             self._qfd = self._dirfd = self._fd = None
+
+    def _finish_batches(self) -> None:
+        """Make the batched changes durable (syncfs of each filesystem they touched), then
+        record them as done."""
+        if not self._undone:
+            return
+        try:
+            for layer in self._unsynced.values():
+                _syncfs(layer.path)
+        except OSError:
+            return  # not known to be on disk: left without done records (undo inspects)
+        self._unsynced.clear()
+        undone, self._undone = self._undone, []
+        try:
+            self._write_many(undone)
+        except OperationalError:
+            pass
 
     # -- checks
     def _check_layer(self, layer: Layer) -> Layer:
@@ -1156,7 +1181,7 @@ class Journal:
 
     def _write_many(self, recs: list[dict]) -> None:
         """Append records with one write (not fsynced)."""
-        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs)
+        data = "".join(_ENCODE(r) + "\n" for r in recs)
         view = memoryview(data.encode("utf-8", "surrogatepass"))
         try:
             while view:
@@ -1173,8 +1198,11 @@ class Journal:
                 from exc
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps makes one per call
+
+
 def _append(fd: int, rec: dict, sync: bool = True) -> None:
-    data = (json.dumps(rec, separators=(",", ":")) + "\n").encode("utf-8", "surrogatepass")
+    data = (_ENCODE(rec) + "\n").encode("utf-8", "surrogatepass")
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
