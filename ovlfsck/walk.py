@@ -171,6 +171,31 @@ def validate_redirect(value: bytes) -> tuple[Optional[str], str]:
     return None, ""
 
 
+def _plain(entry: Entry) -> bool:
+    """A symlink, or a regular file known not to be an xattr whiteout: its chain is itself
+    (no lookup beneath a non-directory)."""
+    kind = entry.kind
+    if kind is _LNK:
+        return True
+    if kind is not _REG:
+        return False
+    x = entry._xattrs
+    return x is NO_XATTRS or (x is not None and "whiteout" not in x)
+
+
+def _first_entries(ordered: list[str], listings: list[dict[str, Entry]], members: list[Member]):
+    """(name, its first entry, that entry's layer, the layer-relative prefix) per name."""
+    gets = [lst.get for lst in listings]
+    prefixes = [(m.layer, m.relpath + "/" if m.relpath else "") for m in members]
+    for name in ordered:
+        for i, get in enumerate(gets):
+            entry = get(name)
+            if entry is not None:
+                break
+        layer, prefix = prefixes[i]
+        yield name, entry, layer, prefix
+
+
 class Walker:
     """Resolves chains and yields DirVisits, depth first, names in byte order."""
 
@@ -532,32 +557,16 @@ class Walker:
             # One layer directory (most directories): every name's first entry is its own.
             lst = listings[0]
             ordered = list(lst)  # listings are in byte order already
-            layer = members[0].layer
             prefix = members[0].relpath + "/" if members[0].relpath else ""
-            for name, entry in lst.items():
-                kind = entry.kind
-                if kind is _LNK or (kind is _REG and ((x := entry._xattrs) is NO_XATTRS or (
-                        x is not None and "whiteout" not in x))):
-                    chains[name] = Chain(name, [Member(layer, prefix + name, entry)])
-                else:
-                    self._chain(name, entry, layer, prefix, members, listings, path, straight,
-                                chains, dirs, redirected)
-            return ordered, chains, dirs, redirected
-        names: dict[str, None] = {}
-        for lst in listings:
-            names.update(dict.fromkeys(lst))
-        ordered = sort_names(names)
-        gets = [lst.get for lst in listings]
-        prefixes = [(m.layer, m.relpath + "/" if m.relpath else "") for m in members]
-        for name in ordered:
-            for i, get in enumerate(gets):
-                entry = get(name)
-                if entry is not None:
-                    break
-            layer, prefix = prefixes[i]
-            kind = entry.kind
-            if kind is _LNK or (kind is _REG and ((x := entry._xattrs) is NO_XATTRS or (
-                    x is not None and "whiteout" not in x))):
+            firsts = ((name, entry, members[0].layer, prefix) for name, entry in lst.items())
+        else:
+            names: dict[str, None] = {}
+            for lst in listings:
+                names.update(dict.fromkeys(lst))
+            ordered = sort_names(names)
+            firsts = _first_entries(ordered, listings, members)
+        for name, entry, layer, prefix in firsts:
+            if _plain(entry):
                 chains[name] = Chain(name, [Member(layer, prefix + name, entry)])
             else:
                 self._chain(name, entry, layer, prefix, members, listings, path, straight,

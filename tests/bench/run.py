@@ -105,6 +105,25 @@ def syscalls(cmd: list[str]) -> int | None:
     return int(m.group(1))
 
 
+def new_ext4(img: str, size_gib: int, mnt: str, opened: list) -> None:
+    """A sparse image with a fresh ext4 (its own uuid; enough inodes for small files: one
+    per ~4 KiB), loop-mounted at mnt. What was set up goes into `opened`, for teardown()."""
+    with open(img, "wb") as fh:
+        fh.truncate(size_gib << 30)
+    sh("mkfs.ext4", "-q", "-F", "-i", "4096", img)
+    loop = sh("losetup", "--find", "--show", img)
+    opened.append(("loop", loop))
+    sh("mount", loop, mnt)
+    opened.append(("mount", mnt))
+
+
+def teardown(opened: list) -> None:
+    """Unmount and detach what new_ext4() set up, newest first (also after a failure)."""
+    while opened:
+        kind, what = opened.pop()
+        subprocess.run(["umount", what] if kind == "mount" else ["losetup", "-d", what])
+
+
 def one_size(entries: int, seed: int, use_strace: bool, log, repeat: int = 1,
              repair: bool = False) -> dict:
     img_dir = tempfile.mkdtemp(prefix="ovlfsck-bench-")
@@ -112,16 +131,9 @@ def one_size(entries: int, seed: int, use_strace: bool, log, repeat: int = 1,
     mnt = os.path.join(img_dir, "mnt")
     os.mkdir(mnt)
     size_gib = max(2, entries * 12 // 1_000_000 + 2)
-    loop = None
-    mounted = False
+    opened: list[tuple[str, str]] = []
     try:
-        with open(img, "wb") as fh:
-            fh.truncate(size_gib << 30)
-        # enough inodes for the entries (small files: one inode per ~4 KiB)
-        sh("mkfs.ext4", "-q", "-F", "-i", "4096", img)
-        loop = sh("losetup", "--find", "--show", img)
-        sh("mount", loop, mnt)
-        mounted = True
+        new_ext4(img, size_gib, mnt, opened)
         out = os.path.join(mnt, "set")
         t = time.perf_counter()
         n = int(sh(PY, os.path.join(HERE, "generate.py"), "--entries", str(entries),
@@ -160,10 +172,7 @@ def one_size(entries: int, seed: int, use_strace: bool, log, repeat: int = 1,
                                      if o["syscalls"] and f["syscalls"] else None)}
         return res
     finally:
-        if mounted:
-            subprocess.run(["umount", mnt])
-        if loop:
-            subprocess.run(["losetup", "-d", loop])
+        teardown(opened)
         shutil.rmtree(img_dir, ignore_errors=True)
 
 
@@ -180,19 +189,13 @@ def repair_run(src: str, img_dir: str, size_gib: int, layers: list[str], n: int,
     img2 = os.path.join(img_dir, "copy.img")
     mnt2 = os.path.join(img_dir, "copy")
     os.mkdir(mnt2)
-    loop2 = None
-    mounted2 = False
+    opened: list[tuple[str, str]] = []
     try:
         t = time.perf_counter()
         sh(PY, "-m", "ovlfsck", "record", "--json", "--lower", layers[0],
            "--lower", layers[1], "--upper", layers[2], "--work", layers[3], env=ENV)
         record_s = time.perf_counter() - t
-        with open(img2, "wb") as fh:
-            fh.truncate(size_gib << 30)
-        sh("mkfs.ext4", "-q", "-F", "-i", "4096", img2)
-        loop2 = sh("losetup", "--find", "--show", img2)
-        sh("mount", loop2, mnt2)
-        mounted2 = True
+        new_ext4(img2, size_gib, mnt2, opened)
         t = time.perf_counter()
         subprocess.run(f"tar -C {src} --xattrs --xattrs-include='*' -cf - . | "
                        f"tar -C {mnt2} --xattrs --xattrs-include='*' -xpf -",
@@ -225,10 +228,7 @@ def repair_run(src: str, img_dir: str, size_gib: int, layers: list[str], n: int,
                 "ratio": fix_s / floor_s, "check_y_exit": proc.returncode, "fixed": fixed,
                 "check_n_after_exit": after.returncode}
     finally:
-        if mounted2:
-            subprocess.run(["umount", mnt2])
-        if loop2:
-            subprocess.run(["losetup", "-d", loop2])
+        teardown(opened)
 
 
 def machine() -> dict:
