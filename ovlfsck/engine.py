@@ -354,13 +354,8 @@ class CheckContext:
             # walk has listed already: what the read-ahead child holds stays true.
             self._stop_prefetch()
         for op in finding.ops:
-            self.changed.add((op.layer.name, op.relpath))
-            self.changed_round.add((op.layer.name, op.relpath))
-            self._pending.setdefault(_host(op.layer, op.relpath), []).append(op)
-            if isinstance(op, Rename):
-                self.changed.add((op.layer.name, op.new_relpath))
-                self.changed_round.add((op.layer.name, op.new_relpath))
-                self._pending.setdefault(_host(op.layer, op.new_relpath), []).append(op)
+            for rel in self._mark_changed(op):
+                self._pending.setdefault(_host(op.layer, rel), []).append(op)
         outcome = Outcome(finding, severity, True, "yes")
         self._batch.append(outcome)
         self._batch_ops += len(finding.ops)
@@ -428,13 +423,20 @@ class CheckContext:
                 outcome.note = f"fix failed: {failed[0]}"
                 self.operational(f"{f.layer.name if f.layer else ''}:{f.path}: fix failed: {failed[0]}")
 
+    def _mark_changed(self, op) -> tuple[str, ...]:
+        """Record the paths `op` changes (a rename: both) as changed in this run and round."""
+        rels = (op.relpath, op.new_relpath) if hasattr(op, "new_relpath") else (op.relpath,)
+        for rel in rels:
+            self.changed.add((op.layer.name, rel))
+            self.changed_round.add((op.layer.name, rel))
+        return rels
+
     def _stop_prefetch(self) -> None:
         """A write is about to be made: the walk reads everything itself from now on (what
-        the read-ahead child holds may be stale)."""
-        if self.walker is not None and getattr(self.walker, "prefetcher", None) is not None:
+        the read-ahead child holds may be stale). Walker.close() stops the child, or keeps
+        it from starting."""
+        if self.walker is not None:
             self.walker.close()
-        elif self.walker is not None:
-            self.walker._prefetch_after = None
 
     def _get_journal(self):
         if self.journal is None:
@@ -448,8 +450,7 @@ class CheckContext:
         self._get_journal()
         try:
             for op in finding.ops:
-                self.changed.add((op.layer.name, op.relpath))
-                self.changed_round.add((op.layer.name, op.relpath))
+                self._mark_changed(op)
                 self.journal.apply(op)
         except (OSError, ValueError, OperationalError) as exc:
             msg = f"{finding.layer.name if finding.layer else ''}:{finding.path}: fix failed: {exc}"

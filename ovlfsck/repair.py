@@ -863,23 +863,14 @@ class Journal:
                     st = _lstat(dirfd, name)
                     if st is None:
                         raise OperationalError(f"{_show(layer.name, op.relpath)}: no such file or directory")
-                    rec = {"rec": "op", "seq": 0, "op": _KIND[type(op)], "layer": layer.name,
-                           "path": op.relpath, "at": _now()}
                     if isinstance(op, Rename):
                         newdir, new_name = dirs.parent(layer, new_comps)
-                        if _lstat(newdir, new_name) is not None:
-                            raise OperationalError(f"{_show(layer.name, op.new_relpath)}: already exists")
-                        rec.update({"new_path": op.new_relpath, "target": _ident(st)})
+                        fields = _rename_rec(op, st, _lstat(newdir, new_name), layer.name)
                     else:
-                        old = _xattr_get(dirfd, name, op.name)
-                        if isinstance(op, RemoveXattr) and old is None:
-                            raise OperationalError(
-                                f"{_show(layer.name, op.relpath)}: has no xattr {op.name} to remove")
-                        rec.update({"name": op.name, "target": _ident(st),
-                                    "old": {"present": old is not None,
-                                            "value": _b64(old) if old is not None else None}})
-                        if isinstance(op, SetXattr):
-                            rec["value"] = _b64(op.value)
+                        fields = _xattr_rec(op, st, _xattr_get(dirfd, name, op.name),
+                                            _show(layer.name, op.relpath))
+                    rec = {"rec": "op", "seq": 0, "op": _KIND[type(op)], "layer": layer.name,
+                           "path": op.relpath, "at": _now(), **fields}
                 except (OSError, OperationalError) as exc:
                     results[i] = getattr(exc, "strerror", None) or str(exc)
                     continue
@@ -988,9 +979,7 @@ class Journal:
     # -- planning: read the state, check preconditions, return (record fields, action)
     def _plan_set_xattr(self, op: SetXattr, loc: "_Resolved"):
         st = loc.stat_existing()
-        old = _xattr_get(loc.dirfd, loc.name, op.name)
-        rec = {"name": op.name, "value": _b64(op.value), "target": _ident(st),
-               "old": {"present": old is not None, "value": _b64(old) if old is not None else None}}
+        rec = _xattr_rec(op, st, _xattr_get(loc.dirfd, loc.name, op.name), loc.show)
 
         def act(_rec):
             _xattr_set(loc.dirfd, loc.name, op.name, op.value)
@@ -999,11 +988,7 @@ class Journal:
 
     def _plan_remove_xattr(self, op: RemoveXattr, loc: "_Resolved"):
         st = loc.stat_existing()
-        old = _xattr_get(loc.dirfd, loc.name, op.name)
-        if old is None:
-            raise OperationalError(f"{loc.show}: has no xattr {op.name} to remove")
-        rec = {"name": op.name, "target": _ident(st),
-               "old": {"present": True, "value": _b64(old)}}
+        rec = _xattr_rec(op, st, _xattr_get(loc.dirfd, loc.name, op.name), loc.show)
 
         def act(_rec):
             _xattr_remove(loc.dirfd, loc.name, op.name)
@@ -1047,9 +1032,7 @@ class Journal:
         newdir = _walk_dirs(loc.rootfd, new_comps[:-1], loc.layer.name)
         loc.adopt(newdir)
         new_name = new_comps[-1]
-        if _lstat(newdir, new_name) is not None:
-            raise OperationalError(f"{_show(loc.layer.name, op.new_relpath)}: already exists")
-        rec = {"new_path": op.new_relpath, "target": _ident(st)}
+        rec = _rename_rec(op, st, _lstat(newdir, new_name), loc.layer.name)
 
         def act(_rec):
             _rename_noreplace(loc.dirfd, loc.name, newdir, new_name)
@@ -1272,6 +1255,25 @@ def _open_state_dir(stack: Stack, directory: str) -> int:
         except FileExistsError:
             pass
     return fd
+
+
+def _xattr_rec(op, st: os.stat_result, old: Optional[bytes], show: str) -> dict:
+    """The journal fields of a SetXattr/RemoveXattr planned on `st`, whose xattr is `old`."""
+    if isinstance(op, RemoveXattr) and old is None:
+        raise OperationalError(f"{show}: has no xattr {op.name} to remove")
+    rec = {"name": op.name, "target": _ident(st),
+           "old": {"present": old is not None, "value": _b64(old) if old is not None else None}}
+    if isinstance(op, SetXattr):
+        rec["value"] = _b64(op.value)
+    return rec
+
+
+def _rename_rec(op: "Rename", st: os.stat_result, at_target: Optional[os.stat_result],
+                layer_name: str) -> dict:
+    """The journal fields of a Rename planned on `st` (nothing may be at the target)."""
+    if at_target is not None:
+        raise OperationalError(f"{_show(layer_name, op.new_relpath)}: already exists")
+    return {"new_path": op.new_relpath, "target": _ident(st)}
 
 
 class _DirCache:

@@ -536,7 +536,8 @@ class Walker:
             self.close()
 
     def close(self) -> None:
-        """Stop the prefetch child, if any (the walk needs no more listings)."""
+        """Stop the prefetch child, if any, and keep it from starting: the walk lists every
+        directory itself from now on (at its end; or after a write, see engine)."""
         self._prefetch_after = None
         if self.prefetcher is not None:
             self.prefetcher.close()

@@ -174,7 +174,6 @@ class _State:
         self.entries: dict[str, _Entry] = {}
         self.lower_files: dict[tuple[int, int], list[_Entry]] = {}
         self.lower_inos: set[int] = set()  # the st_ino of lower_files' keys (a quick filter)
-        self.lower_inos_of = 0  # len(lower_files) when lower_inos was made
         self.lower_dirs: dict[tuple[int, int], list[_Entry]] = {}
         self.nfs = False
 
@@ -238,6 +237,7 @@ def _build(ctx: CheckContext) -> _State:
             elif e.kind != "file" or e.st.st_nlink == 1 or e.lower.st.st_nlink > 1:
                 e.wanted = True
                 st.lower_files.setdefault(e.lower.key, []).append(e)
+                st.lower_inos.add(e.lower.key[1])
     finally:
         decoder.close()
     st.active = bool(st.entries)
@@ -371,9 +371,6 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
                 e.claims.append(rel)
     if st.lower_files:
         wanted = st.lower_files
-        if st.lower_inos_of != len(wanted):
-            st.lower_inos = {key[1] for key in wanted}
-            st.lower_inos_of = len(wanted)
         inos = st.lower_inos
         for name, chain in visit.chains.items():
             chain_members = chain.members

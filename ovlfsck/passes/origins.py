@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from ovlfsck import handles, rehandle
 from ovlfsck.engine import CheckContext, Finding
@@ -49,8 +49,9 @@ class _Pending:
     fh: handles.OvlFh
     decoded: handles.Decoded
     indexed: bool
-    lower: Optional[Member] = None  # the object at the same path beneath
+    lower: Optional[Member] = None  # the candidate beneath: see `source`
     metacopy: bool = False
+    source: str = rehandle.FROM_PATH  # FROM_DATA: where its data lookup or redirect leads
 
 
 @dataclass(slots=True)
@@ -82,6 +83,18 @@ class _State:
     rh: Optional[rehandle.Rehandler] = None
 
 
+class _Cand(NamedTuple):
+    """A lower object an indexed file's stale origin may now name."""
+
+    layer: Layer
+    relpath: str
+    host: str
+    key: tuple[int, int]  # (st_dev, st_ino)
+    mode: int
+    exact: bool  # certain (the copy of the original the origin names, or the data lookup)
+    source: str  # rehandle.FROM_*
+
+
 @dataclass(slots=True)
 class _Moved:
     """An indexed upper file whose origin is a handle of the layers' old location: resolved
@@ -92,9 +105,8 @@ class _Moved:
     fh: handles.OvlFh
     mode: int
     detail: str
-    cand: Optional[tuple]  # (layer, relpath, host path, (dev, ino), mode, exact, source): the
-    # lower object at its own path, or (exact) the copy of the original its origin names or
-    # the lower file its data lookup or redirect leads to
+    cand: Optional[_Cand]  # the lower object at its own path, or (exact) the copy of the
+    # original its origin names, or the lower file its data lookup or redirect leads to
 
 
 def _state(ctx: CheckContext) -> _State:
@@ -359,11 +371,12 @@ def _beneath(ctx: CheckContext, visit: DirVisit, i: int, name: str, entry: Entry
     return chain.members[0] if chain.members else None
 
 
-def _metacopy_data_lower(ctx: CheckContext, visit: DirVisit, i: int, layer: Layer, relpath: str,
-                         entry: Entry) -> Optional[Member]:
+def _data_lower(ctx: CheckContext, visit: DirVisit, i: int, layer: Layer, relpath: str,
+                entry: Entry) -> Optional[Member]:
     """The lower file the data lookup of a metacopy file meets first (its path, or its
     redirect). With index=on the kernel verifies the origin against exactly this file
-    (ESTALE otherwise), so it is the one object a rewritten origin can name."""
+    (ESTALE otherwise), so it is the one object a rewritten origin can name. For a plain
+    file with a redirect (renamed while a metacopy file), where the redirect leads."""
     from ovlfsck.passes.metacopy import Node, Resolver  # the metacopy pass owns the lookup
 
     below = list(zip(visit.members[i + 1:], visit.listings[i + 1:]))
@@ -423,11 +436,11 @@ def _check_entry(ctx: CheckContext, st: _State, visit: DirVisit, i: int, name: s
     # with a redirect was renamed while it was a metacopy file (the redirect stays when its
     # data is copied up later): the object at its own path is another file, not its origin.
     redirected = not is_dir and "redirect" in xattrs
-    mc_lower = (_metacopy_data_lower(ctx, visit, i, layer, relpath, entry)
-                if metacopy or redirected else None)
+    data_lower = (_data_lower(ctx, visit, i, layer, relpath, entry)
+                  if metacopy or redirected else None)
     if metacopy and res.kind == "nouuid" and upper:
         st.stale += 1
-        _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail, mc_lower,
+        _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail, data_lower,
                   source=rehandle.FROM_DATA)
         return  # not rewritten: the metacopy pass reports the origin that does not verify
     if res.kind == "unknown" or (metacopy and res.kind != "found"):
@@ -436,13 +449,9 @@ def _check_entry(ctx: CheckContext, st: _State, visit: DirVisit, i: int, name: s
         st.stale += 1
         # A handle for another filesystem: the layers were copied, and the object at the
         # same path beneath is a candidate. A handle that is gone: only the record can tell.
-        if redirected:
-            done, why = _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail,
-                                  mc_lower if res.kind == "nouuid" else None,
-                                  source=rehandle.FROM_DATA)
-        else:
-            done, why = _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail,
-                                  lower if res.kind == "nouuid" else None)
+        cand, source = (data_lower, rehandle.FROM_DATA) if redirected else (lower, rehandle.FROM_PATH)
+        done, why = _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail,
+                              cand if res.kind == "nouuid" else None, source=source)
         if not done:
             _stale(ctx, layer, relpath, entry, indexed, res.detail, is_dir, fh, why)
         return
@@ -467,7 +476,8 @@ def _check_entry(ctx: CheckContext, st: _State, visit: DirVisit, i: int, name: s
     if metacopy:
         if res.where is None and upper:
             # Decodes outside the layers, or where is not known yet: after the walk.
-            st.pending.append(_Pending(layer, relpath, entry, fh, dec, indexed, mc_lower, True))
+            st.pending.append(_Pending(layer, relpath, entry, fh, dec, indexed, data_lower, True,
+                                       rehandle.FROM_DATA))
         return
     if is_dir:
         # A directory that merges with nothing: its origin is never used. Only an origin
@@ -486,7 +496,11 @@ def _check_entry(ctx: CheckContext, st: _State, visit: DirVisit, i: int, name: s
         return
     if upper:
         _claim(st, fh, relpath, entry, False, indexed)
-    st.pending.append(_Pending(layer, relpath, entry, fh, dec, indexed, lower))
+    if redirected:
+        st.pending.append(_Pending(layer, relpath, entry, fh, dec, indexed, data_lower,
+                                   source=rehandle.FROM_DATA))
+    else:
+        st.pending.append(_Pending(layer, relpath, entry, fh, dec, indexed, lower))
 
 
 def _claim(st: _State, fh: handles.OvlFh, relpath: str, entry: Entry, own: bool, indexed: bool) -> None:
@@ -636,15 +650,15 @@ def _rehandle(ctx: CheckContext, st: _State, layer: Layer, relpath: str, entry: 
             try:
                 host = os.path.join(exact.layer.path, exact.relpath)
                 cs = os.lstat(host)
-                c = (exact.layer, exact.relpath, host, (cs.st_dev, cs.st_ino), cs.st_mode, True,
-                     exact.source)
+                c = _Cand(exact.layer, exact.relpath, host, (cs.st_dev, cs.st_ino), cs.st_mode,
+                          True, exact.source)
             except OSError:
                 pass
         elif cand is not None and not cand.entry.is_dir:
             try:
                 cs = cand.entry.lstat()
-                c = (cand.layer, cand.relpath, cand.entry.path, (cs.st_dev, cs.st_ino), cs.st_mode,
-                     source == rehandle.FROM_DATA, source)
+                c = _Cand(cand.layer, cand.relpath, cand.entry.path, (cs.st_dev, cs.st_ino),
+                          cs.st_mode, source == rehandle.FROM_DATA, source)
             except OSError:
                 pass
         st.moved.append(_Moved(relpath, (s.st_dev, s.st_ino), fh, mode, detail, c))
@@ -702,17 +716,17 @@ def _finish_moved(ctx: CheckContext, st: _State) -> None:
         new, why = st.rh.from_record(first.fh, mode=first.mode, below=upper)
         if new is None:
             cands = {}
-            exact = [m.cand for m in ms if m.cand is not None and m.cand[5]]
+            exact = [m.cand for m in ms if m.cand is not None and m.cand.exact]
             for m in ms:
-                if m.cand is not None and stat.S_IFMT(m.cand[4]) == stat.S_IFMT(first.mode):
-                    cands.setdefault(m.cand[3], m.cand)
+                if m.cand is not None and stat.S_IFMT(m.cand.mode) == stat.S_IFMT(first.mode):
+                    cands.setdefault(m.cand.key, m.cand)
             where = "its path" if len(ms) == 1 else "the paths of its aliases"
             if exact:
-                lay, rel, host = exact[0][:3]
-                new = st.rh.from_path(lay, rel, host, exact[0][6])
+                c = exact[0]
+                new = st.rh.from_path(c.layer, c.relpath, c.host, c.source)
             elif len(cands) == 1:
-                lay, rel, host = next(iter(cands.values()))[:3]
-                new = st.rh.from_path(lay, rel, host, rehandle.FROM_PATH if len(ms) == 1
+                c = next(iter(cands.values()))
+                new = st.rh.from_path(c.layer, c.relpath, c.host, rehandle.FROM_PATH if len(ms) == 1
                                       else rehandle.FROM_ALIASES)
             elif not cands:
                 why += f"; no lower file of the same type at {where}"
@@ -957,7 +971,8 @@ def _finish_pending(ctx: CheckContext, st: _State) -> None:
                     mode = p.decoded.st.st_mode
                 done, why = _rehandle(ctx, st, p.layer, p.relpath, p.entry, p.fh, p.indexed,
                                       detail + " (were the layers copied within one filesystem?)",
-                                      p.lower, _at_original_path(ctx, st, p.decoded, mode))
+                                      p.lower, _at_original_path(ctx, st, p.decoded, mode),
+                                      source=p.source)
                 if done:
                     continue
             if p.metacopy:
