@@ -34,6 +34,9 @@ FROM_PATH = "the lower file at the same path"
 FROM_ALIASES = "the lower file at its upper aliases' paths"
 FROM_UPPER = "its upper alias"
 FROM_ORIGINAL = "the original's path (a copy within one filesystem)"
+FROM_ELIMINATION = ("elimination: the only lower hardlink named by no other handle that shows one "
+                    "name and hides another, with the link count of the nlink xattr and the same "
+                    "data")
 FROM_DATA = ("the lower file its data lookup or redirect leads to (the kernel looks there for a "
              "metacopy file's data, and sets the redirect when it renames one)")
 
@@ -212,6 +215,10 @@ class Rehandler:
 
     def learned(self, old: handles.OvlFh) -> Optional[NewHandle]:
         return self._learned.get(fh_key(old))
+
+    def targets(self) -> set[tuple[bytes, int, bytes]]:
+        """What the learned new handles name (fh_key)."""
+        return {fh_key(n.fh) for n in self._learned.values()}
 
 
 def get(ctx, encode_uuid=None) -> Rehandler:

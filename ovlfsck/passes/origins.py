@@ -25,7 +25,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
-from ovlfsck import handles, rehandle
+from ovlfsck import elimination, handles, rehandle
 from ovlfsck.engine import CheckContext, Finding
 from ovlfsck.fsio import Entry, quoted, special_items
 from ovlfsck.problems import BY_CODE
@@ -704,15 +704,16 @@ def _rewrite(ctx: CheckContext, st: _State, layer: Layer, relpath: str, fh: hand
 
 def _finish_moved(ctx: CheckContext, st: _State) -> None:
     """Indexed files with a stale origin, per upper inode: the record, else the one lower
-    object of the same type found at the paths of its aliases."""
+    object of the same type found at the paths of its aliases, else elimination."""
     groups: dict[tuple[int, int], list[_Moved]] = {}
     for m in st.moved:
         groups.setdefault(m.upper_key, []).append(m)
     upper = ctx.stack.upper
+    left: list[tuple[list[_Moved], str]] = []  # no candidate at any path: elimination
+    unplaced: list[tuple[list[_Moved], str]] = []
     for ms in sorted(groups.values(), key=lambda g: min(os.fsencode(m.relpath) for m in g)):
         ms.sort(key=lambda m: os.fsencode(m.relpath))
         first = ms[0]
-        others = tuple(m.relpath for m in ms[1:])
         new, why = st.rh.from_record(first.fh, mode=first.mode, below=upper)
         if new is None:
             cands = {}
@@ -729,16 +730,77 @@ def _finish_moved(ctx: CheckContext, st: _State) -> None:
                 new = st.rh.from_path(c.layer, c.relpath, c.host, rehandle.FROM_PATH if len(ms) == 1
                                       else rehandle.FROM_ALIASES)
             elif not cands:
-                why += f"; no lower file of the same type at {where}"
+                left.append((ms, why + f"; no lower file of the same type at {where}"))
+                continue
             else:
                 why += f"; {where} name {len(cands)} different lower files"
         if new is not None:
-            _rewrite(ctx, st, upper, first.relpath, first.fh, new, first.detail, others)
-            continue
+            _rewrite(ctx, st, upper, first.relpath, first.fh, new, first.detail,
+                     tuple(m.relpath for m in ms[1:]))
+        else:
+            unplaced.append((ms, why))
+    placed = _by_elimination(ctx, st, [ms for ms, _why in left]) if left else {}
+    for i, (ms, why) in enumerate(left):
+        new = placed.get(i)
+        if new is not None:
+            _rewrite(ctx, st, upper, ms[0].relpath, ms[0].fh, new, ms[0].detail,
+                     tuple(m.relpath for m in ms[1:]))
+        else:
+            unplaced.append((ms, why + "; elimination among the lower hardlinks leaves no single one"))
+    for ms, why in unplaced:
+        first = ms[0]
+        others = tuple(m.relpath for m in ms[1:])
         detail = first.detail + (f" (also seen as {', '.join(quoted(o) for o in others[:3])})"
                                  if others else "")
         if not _unindex(ctx, first, len(ms), f"{detail}; not rewritten: {why}"):
             _left_indexed(ctx, upper, first.relpath, f"{detail}; not rewritten: {why}")
+
+
+def _by_elimination(ctx: CheckContext, st: _State, left: list[list[_Moved]]) -> dict[int, "rehandle.NewHandle"]:
+    """{index in `left`: new handle} for the indexed groups that elimination among the lower
+    hardlinks places (ovlfsck/elimination.py says what is certain and what is required)."""
+    from ovlfsck.passes.index import parse_nlink  # the index pass owns the nlink format
+
+    upper = ctx.stack.upper
+    groups: list[Optional[elimination.Group]] = []
+    for ms in left:
+        host = os.path.join(upper.path, ms[0].relpath)
+        try:
+            s = os.lstat(host)
+            nlink = parse_nlink(ctx.xa.read_all(host).get("nlink"))
+        except OSError:
+            groups.append(None)
+            continue
+        groups.append(elimination.Group(host, s, len(ms), nlink))
+    known = [(i, g) for i, g in enumerate(groups) if g is not None]
+    if not known:
+        return {}
+    lowers = [lay for lay in ctx.stack.lowers if lay.role is Role.LOWER]
+    cands = elimination.lower_hardlinks(lowers, {stat.S_IFMT(g.st.st_mode) for _i, g in known})
+    taken = st.rh.targets()
+    work = ctx.stack.work
+    free: list[elimination.Cand] = []
+    fhs: dict[tuple[int, int], handles.OvlFh] = {}
+    for c in cands:
+        fh = st.rh.encode(c.layer, c.names[0])
+        if fh is None:
+            continue
+        if (fh.uuid + bytes((fh.fid_type,)) + fh.fid) in st.claims or rehandle.fh_key(fh) in taken:
+            continue  # another upper entry's origin names it
+        if work is not None and os.path.lexists(os.path.join(work.path, "index", fh.index_name())):
+            continue  # indexed already
+        for rel in c.names:
+            chain = ctx.walker.lookup_merged(rel.split("/"))
+            top = chain.members[0] if chain.members else None
+            if top is not None and top.layer == c.layer and top.relpath == rel:
+                c.visible += 1
+            else:
+                c.hidden += 1
+        free.append(c)
+        fhs[c.key] = fh
+    found = elimination.match([g for _i, g in known], free)
+    return {known[j][0]: rehandle.NewHandle(fhs[c.key], c.layer, c.names[0], rehandle.FROM_ELIMINATION)
+            for j, c in found.items()}
 
 
 def _unindex(ctx: CheckContext, m: "_Moved", n_upper: int, detail: str) -> bool:

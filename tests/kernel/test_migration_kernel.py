@@ -71,14 +71,11 @@ def _case_id(c):
     return f"{c[0]}-{c[1]}-{c[2]}-{'rec' if c[3] else 'norec'}"
 
 
-# Known gaps of issue 4 (open), each strict: the case fails the run as soon as it passes,
-# so the list must shrink with the fixes. See docs/status.md.
-_NOREC_RENAMED = ("without a record, indexed hardlinks renamed after copy-up while a lower alias "
-                  "stays visible cannot be told (OVL505 left, never guessed): the group splits")
-KNOWN_GAPS = {
-    "nfs-ext4-tar-norec": _NOREC_RENAMED,
-    "nfs-xfs-tar-norec": _NOREC_RENAMED,
-}
+# Known gaps of issue 4, each strict: the case fails the run as soon as it passes, so the
+# list must shrink with the fixes. Empty since session 4: the indexed hardlinks renamed after
+# copy-up while a lower alias stays visible (tar copies without a record) are placed by
+# elimination (ovlfsck/elimination.py).
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _known_gap(request, case_id: str) -> None:

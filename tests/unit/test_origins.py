@@ -741,3 +741,71 @@ def test_pure_dir_origin_named_by_a_dir_index_entry_is_not_removed(run):
     hits = [p for p in doc["problems"] if p["code"] == "OVL504"]
     assert hits and hits[0]["fixed"] is False and "fails the mount" in hits[0]["message"], doc["problems"]
     assert r.origin("upper", "p") is not None
+
+
+# ------------------------------------------------------------------ elimination (issue 4)
+
+ELIM = """
+[lower:0]
+file a text=data
+hardlink b a
+file tmp text=t
+file c text=data
+hardlink d c
+{lower}
+[upper]
+file moved text={text}
+xattr moved origin=@lower:0:tmp
+xattr moved nlink={nlink}
+whiteout a
+{upper}
+"""
+
+
+def _renamed_indexed(run, text="data", nlink="U+0", lower="", upper=""):
+    """An indexed hardlink copied up through lower 'a', renamed to 'moved' (a whiteout at
+    'a'), its lower alias 'b' still shown; its origin names an object that is gone (as after
+    a copy without a record). Lower pair c/d (the same data, both names shown) is a decoy."""
+    r = run(ELIM.format(text=text, nlink=nlink, lower=lower, upper=upper), options="index=on")
+    index = os.path.join(r.path("work"), "index")
+    os.makedirs(index, exist_ok=True)
+    entry = os.path.join(index, handles.decode(r.origin("upper", "moved")).index_name())
+    os.link(r.path("upper", "moved"), entry)
+    os.unlink(r.path("lower:0", "tmp"))
+    return r, entry
+
+
+@root_only
+def test_renamed_indexed_hardlink_is_placed_by_elimination(run):
+    r, entry = _renamed_indexed(run)
+    code, doc = r.check("-n")
+    assert code == 4 and ("OVL520", "upper", "moved") in r.codes(doc), doc["problems"]
+    p = r.problem(doc, "OVL520")
+    assert "elimination" in p["message"] and "lower:0:'a'" in p["message"]
+    assert r.check("-p")[0] == 4  # a deduction, never preened
+    code, doc = r.check("-y")
+    assert code == 1, doc["problems"]
+    assert r.origin("upper", "moved") == r.handle("lower:0", "a")
+    new_entry = os.path.join(os.path.dirname(entry),
+                             handles.decode(r.handle("lower:0", "a")).index_name())
+    assert not os.path.lexists(entry) and os.path.samefile(new_entry, r.path("upper", "moved"))
+    assert r.check("-n")[0] == 0
+
+
+@root_only
+@pytest.mark.parametrize("why, kw", [
+    ("changed since the copy-up", {"text": "data, changed"}),
+    ("nlink leaves two lower aliases", {"nlink": "U+1"}),
+    ("a second lower pair fits too", {"lower": "file e text=data\nhardlink f e",
+                                      "upper": "whiteout e"}),
+    ("the only fitting pair is another file's origin",
+     {"upper": "file other text=data\nxattr other origin=@lower:0:b"}),
+])
+def test_elimination_places_nothing_uncertain(run, why, kw):
+    r, entry = _renamed_indexed(run, **kw)
+    code, doc = r.check("-y")
+    assert ("OVL505", "upper", "moved") in r.codes(doc), (why, doc["problems"])
+    assert not any(p["code"] == "OVL520" and p["path"] == "moved" for p in doc["problems"]), why
+    assert "elimination among the lower hardlinks" in r.problem(doc, "OVL505")["message"]
+    assert handles.decode(r.origin("upper", "moved")).index_name() == os.path.basename(entry)
+    assert os.path.lexists(entry)
