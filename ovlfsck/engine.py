@@ -336,8 +336,10 @@ class CheckContext:
     BATCH_OPS = 4096  # operations per group commit
 
     def _queue(self, finding: Finding, severity: Severity) -> bool:
-        """Report `finding` as fixed and queue its ops for the next group commit. False (and
-        nothing done) when the journal cannot take batches: the caller applies it now."""
+        """Queue `finding`'s ops for the next group commit; its outcome takes its place in
+        the result now (the report's order), and is shown when the batch has landed (as
+        fixed, or not with the reason). False (and nothing done) when the journal cannot
+        take batches: the caller applies it now."""
         from ovlfsck.repair import RemoveXattr, Rename, SetXattr
 
         if not all(isinstance(op, (SetXattr, RemoveXattr, Rename)) for op in finding.ops):
@@ -360,7 +362,7 @@ class CheckContext:
         self._batch.append(outcome)
         self._batch_ops += len(finding.ops)
         self.xa.before_read = self._before_read
-        self._emit(outcome)
+        self.result.outcomes.append(outcome)  # shown by flush(), once it is known to hold
         if self._batch_ops >= self.BATCH_OPS:
             self.flush()
         return True
@@ -411,6 +413,13 @@ class CheckContext:
             results = self.journal.apply_batch(ops)
         except (OSError, ValueError, OperationalError) as exc:
             results = [str(exc)] * len(ops)
+        except BaseException:
+            # Interrupted: the journal tells what was changed (undo reads it); the report
+            # must not claim these fixes.
+            for outcome in batch:
+                outcome.fixed = False
+                outcome.note = "interrupted before this fix was known to be written"
+            raise
         self.result.journal = getattr(self.journal, "path", None)
         k = 0
         for outcome in batch:
@@ -422,6 +431,8 @@ class CheckContext:
                 outcome.fixed = False
                 outcome.note = f"fix failed: {failed[0]}"
                 self.operational(f"{f.layer.name if f.layer else ''}:{f.path}: fix failed: {failed[0]}")
+            if self.listener is not None:
+                self.listener.on_outcome(outcome)
 
     def _mark_changed(self, op) -> tuple[str, ...]:
         """Record the paths `op` changes (a rename: both) as changed in this run and round."""

@@ -3,7 +3,8 @@
 * `Journal.apply_batch`: the same records as `apply()` (undo restores every old value), one
   write-ahead barrier for the batch, a failed operation recorded as failed without stopping
   the others;
-* the engine: a queued fix is reported at once, a read of the written object through the
+* the engine: a queued fix takes its place in the report at once and is shown once its
+  batch has landed (as it ended), a read of the written object through the
   context sees the queued value, a read through `ctx.xa` lands the batch first, and a round
   whose fixes all rewrite handles in place (`rechecks=False`) is not walked again.
 """
@@ -183,6 +184,46 @@ def test_a_failed_queued_fix_is_reported_as_not_fixed(stack):
     ctx.flush()
     out = ctx.result.outcomes[-1]
     assert not out.fixed and out.note.startswith("fix failed") and ctx.result.errors
+    ctx.journal.close()
+
+
+class Seen:
+    """A listener (what the text report is): what it was shown, and when."""
+
+    def __init__(self):
+        self.shown = []
+
+    def on_outcome(self, outcome):
+        self.shown.append((outcome.finding.path, outcome.fixed, outcome.note))
+
+
+def test_a_queued_fix_is_shown_only_once_written(stack):
+    """The text report must not print 'fixed' for a change that is not on disk yet, nor for
+    one that then fails: the listener sees each queued outcome at the flush, as it ended."""
+    ctx = make_ctx(stack)
+    ctx.listener = seen = Seen()
+    ctx.fix(finding(stack, "a", b"new-a", batch_ok=True))
+    ctx.fix(finding(stack, "gone", b"x", batch_ok=True))
+    assert seen.shown == [] and [o.finding.path for o in ctx.result.outcomes] == ["a", "gone"]
+    ctx.flush()
+    assert [(p, fixed) for p, fixed, _note in seen.shown] == [("a", True), ("gone", False)]
+    assert seen.shown[1][2].startswith("fix failed")
+    ctx.journal.close()
+
+
+def test_an_interrupted_batch_is_not_reported_fixed(stack, monkeypatch):
+    ctx = make_ctx(stack)
+    ctx.listener = seen = Seen()
+    ctx.fix(finding(stack, "a", b"new-a", batch_ok=True))
+
+    def interrupted(self, ops):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Journal, "apply_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ctx.flush()
+    out = ctx.result.outcomes[-1]
+    assert not out.fixed and "interrupted" in out.note and seen.shown == []
     ctx.journal.close()
 
 
