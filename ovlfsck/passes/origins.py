@@ -779,9 +779,14 @@ def _by_elimination(ctx: CheckContext, st: _State, left: list[list[_Moved]]) -> 
     cands = elimination.lower_hardlinks(lowers, {stat.S_IFMT(g.st.st_mode) for _i, g in known})
     taken = st.rh.targets()
     work = ctx.stack.work
+    # Same data means the same type and size (a symlink's size is its target's length):
+    # only those inodes are looked up in the merged view.
+    shapes = {(stat.S_IFMT(g.st.st_mode), g.st.st_size) for _i, g in known}
     free: list[elimination.Cand] = []
     fhs: dict[tuple[int, int], handles.OvlFh] = {}
     for c in cands:
+        if (stat.S_IFMT(c.st.st_mode), c.st.st_size) not in shapes:
+            continue
         fh = st.rh.encode(c.layer, c.names[0])
         if fh is None:
             continue
