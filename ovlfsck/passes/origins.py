@@ -438,10 +438,11 @@ def _check_entry(ctx: CheckContext, st: _State, visit: DirVisit, i: int, name: s
     redirected = not is_dir and "redirect" in xattrs
     data_lower = (_data_lower(ctx, visit, i, layer, relpath, entry)
                   if metacopy or redirected else None)
-    if metacopy and res.kind == "nouuid" and upper:
+    if metacopy and res.kind in ("nouuid", "gone") and upper:
         st.stale += 1
-        _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail, data_lower,
-                  source=rehandle.FROM_DATA)
+        # A handle that is gone: only the record can tell (no candidate from the paths).
+        _rehandle(ctx, st, layer, relpath, entry, fh, indexed, res.detail,
+                  data_lower if res.kind == "nouuid" else None, source=rehandle.FROM_DATA)
         return  # not rewritten: the metacopy pass reports the origin that does not verify
     if res.kind == "unknown" or (metacopy and res.kind != "found"):
         return
