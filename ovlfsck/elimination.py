@@ -16,7 +16,8 @@ renamed away, and copy-up copies the data. So it is a lower inode that
 - shows at least one name in the merged view (the alias the index joins) and hides at least
   one (the name it was copied up through, now a whiteout or covered);
 - shows as many names as the group's `nlink` xattr leaves for lower aliases;
-- holds the upper file's data (a regular file's bytes, a symlink's target).
+- holds the upper file's data (a regular file's bytes, a symlink's target, a device's
+  number).
 
 A group is placed only when exactly one lower inode passes for it and that inode passes for
 no other group; a group whose file changed since the copy-up, or that two inodes fit, is left
@@ -29,9 +30,8 @@ import stat
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
+from ovlfsck.fsio import same_data, walk_tree
 from ovlfsck.stack import Layer
-
-CHUNK = 1 << 20
 
 
 @dataclass
@@ -60,77 +60,28 @@ class Cand:
 
 def lower_hardlinks(layers: Iterable[Layer], modes: set[int]) -> list[Cand]:
     """Every inode of `layers` of a file type in `modes` (S_IFMT values) with st_nlink >= 2,
-    with its names in the layer. One scandir walk per layer; symlinks are never followed."""
+    with its names in the layer. One walk per layer; symlinks are never followed."""
     found: dict[tuple[int, int], Cand] = {}
     for layer in layers:
-        stack = [("", layer.path)]
-        while stack:
-            rel, path = stack.pop()
+        for rel, de in walk_tree(layer.path):
             try:
-                it = os.scandir(path)
+                if de.is_dir(follow_symlinks=False):
+                    continue
+                s = de.stat(follow_symlinks=False)
             except OSError:
                 continue
-            with it:
-                for de in it:
-                    sub = f"{rel}/{de.name}" if rel else de.name
-                    try:
-                        if de.is_dir(follow_symlinks=False):
-                            stack.append((sub, de.path))
-                            continue
-                        s = de.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if s.st_nlink < 2 or stat.S_IFMT(s.st_mode) not in modes:
-                        continue
-                    key = (s.st_dev, s.st_ino)
-                    c = found.get(key)
-                    if c is None:
-                        c = found[key] = Cand(layer, key, s, host=de.path)
-                    if c.layer is layer:
-                        c.names.append(sub)
+            if s.st_nlink < 2 or stat.S_IFMT(s.st_mode) not in modes:
+                continue
+            key = (s.st_dev, s.st_ino)
+            c = found.get(key)
+            if c is None:
+                c = found[key] = Cand(layer, key, s)
+            if c.layer is layer:
+                c.names.append(rel)
     for c in found.values():
         c.names.sort(key=os.fsencode)
         c.host = os.path.join(c.layer.path, c.names[0])
     return list(found.values())
-
-
-def same_data(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
-    """Whether two objects of one type hold the same data: a regular file's bytes, a
-    symlink's target; other types hold none. Never follows a symlink."""
-    if stat.S_IFMT(sa.st_mode) != stat.S_IFMT(sb.st_mode):
-        return False
-    if stat.S_ISLNK(sa.st_mode):
-        try:
-            return os.readlink(a) == os.readlink(b)
-        except OSError:
-            return False
-    if not stat.S_ISREG(sa.st_mode):
-        return True
-    if sa.st_size != sb.st_size:
-        return False
-    try:
-        fa = os.open(a, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        try:
-            fb = os.open(b, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            while True:
-                x = os.read(fa, CHUNK)
-                y = os.read(fb, CHUNK)
-                if x != y:
-                    return False
-                if not x:
-                    return True
-        finally:
-            os.close(fb)
-    except OSError:
-        return False
-    finally:
-        os.close(fa)
 
 
 def fits(g: Group, c: Cand) -> bool:

@@ -396,6 +396,75 @@ def scan_sorted(path: str, dev: Optional[int] = None,
     return Listing({n: entries[n] for n in names})
 
 
+def walk_tree(root: str) -> Iterator[tuple[str, os.DirEntry]]:
+    """(root-relative path, DirEntry) of everything below `root`, depth first; symlinks are
+    never followed, unreadable directories are skipped. The caller may stop at any time."""
+    stack = [("", root)]
+    while stack:
+        rel, path = stack.pop()
+        try:
+            it = os.scandir(path)
+        except OSError:
+            continue
+        with it:
+            for de in it:
+                sub = f"{rel}/{de.name}" if rel else de.name
+                try:
+                    if de.is_dir(follow_symlinks=False):
+                        stack.append((sub, de.path))
+                except OSError:
+                    pass
+                yield sub, de
+
+
+_CMP_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_noatime(path: str) -> int:
+    try:
+        return os.open(path, _CMP_FLAGS | getattr(os, "O_NOATIME", 0))
+    except PermissionError:  # O_NOATIME needs ownership (or CAP_FOWNER)
+        return os.open(path, _CMP_FLAGS)
+
+
+def same_data(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
+    """Whether two objects hold the same data: the same file type and a regular file's
+    bytes, a symlink's target, a device's number (fifos and sockets hold none). Never
+    follows a symlink; an object that cannot be read is not the same."""
+    if stat.S_IFMT(sa.st_mode) != stat.S_IFMT(sb.st_mode):
+        return False
+    if stat.S_ISLNK(sa.st_mode):
+        try:
+            return os.readlink(a) == os.readlink(b)
+        except OSError:
+            return False
+    if stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode):
+        return sa.st_rdev == sb.st_rdev
+    if not stat.S_ISREG(sa.st_mode):
+        return True
+    if sa.st_size != sb.st_size:
+        return False
+    try:
+        fa = _open_noatime(a)
+    except OSError:
+        return False
+    try:
+        fb = _open_noatime(b)
+        try:
+            while True:
+                x, y = os.read(fa, 1 << 20), os.read(fb, 1 << 20)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+        finally:
+            os.close(fb)
+    except OSError:
+        return False
+    finally:
+        os.close(fa)
+
+
 def lstat_entry(path: str) -> Optional[Entry]:
     """An Entry for `path` (no symlink followed), or None if nothing is there."""
     try:

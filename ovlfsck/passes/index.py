@@ -34,7 +34,7 @@ from typing import Optional
 
 from ovlfsck import handles, rehandle
 from ovlfsck.engine import CheckContext, Finding
-from ovlfsck.fsio import Kind, quoted
+from ovlfsck.fsio import Kind, quoted, same_data
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import Link, MakeWhiteout, Quarantine, Rename, SetXattr
 from ovlfsck.stack import Layer
@@ -837,46 +837,9 @@ def _relink_ops(ctx: CheckContext, e: _Entry) -> Optional[tuple[tuple, str]]:
 
 def _same_content(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
     """Same type, mode, owner and content (data, symlink target or device number)."""
-    if (stat.S_IFMT(sa.st_mode), sa.st_mode, sa.st_uid, sa.st_gid) != \
-            (stat.S_IFMT(sb.st_mode), sb.st_mode, sb.st_uid, sb.st_gid):
+    if (sa.st_mode, sa.st_uid, sa.st_gid) != (sb.st_mode, sb.st_uid, sb.st_gid):
         return False
-    if stat.S_ISLNK(sa.st_mode):
-        try:
-            return os.readlink(a) == os.readlink(b)
-        except OSError:
-            return False
-    if stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode):
-        return sa.st_rdev == sb.st_rdev
-    if not stat.S_ISREG(sa.st_mode):
-        return True  # fifos and sockets hold nothing
-    if sa.st_size != sb.st_size:
-        return False
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
-    try:
-        fa = os.open(a, flags)
-    except OSError:
-        try:
-            fa = os.open(a, flags & ~getattr(os, "O_NOATIME", 0))
-        except OSError:
-            return False
-    try:
-        try:
-            fb = os.open(b, flags)
-        except OSError:
-            fb = os.open(b, flags & ~getattr(os, "O_NOATIME", 0))
-        try:
-            while True:
-                x, y = os.read(fa, 1 << 20), os.read(fb, 1 << 20)
-                if x != y:
-                    return False
-                if not x:
-                    return True
-        finally:
-            os.close(fb)
-    except OSError:
-        return False
-    finally:
-        os.close(fa)
+    return same_data(a, sa, b, sb)
 
 
 def _computed_nlink(e: _Entry, low: _Obj, raw: Optional[bytes]) -> Optional[int]:

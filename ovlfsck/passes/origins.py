@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 
 from ovlfsck import elimination, handles, rehandle
 from ovlfsck.engine import CheckContext, Finding
-from ovlfsck.fsio import Entry, quoted, special_items
+from ovlfsck.fsio import Entry, quoted, special_items, walk_tree
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import Quarantine, RemoveXattr, SetXattr
 from ovlfsck.stack import Layer, Role
@@ -982,31 +982,21 @@ def _find_paths(ctx: CheckContext, st: _State, wanted: dict[int, set[int]]) -> d
         want = wanted.get(dev) if dev is not None else None
         if not want:
             continue
-        stack = [("", layer.path)]
-        while stack and want:
-            rel, path = stack.pop()
+        for sub, de in walk_tree(layer.path):
             try:
-                it = os.scandir(path)
+                ino = de.inode()
             except OSError:
                 continue
-            with it:
-                for de in it:
-                    try:
-                        ino = de.inode()
-                        is_dir = de.is_dir(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    sub = join(rel, de.name)
-                    if ino in want:
-                        try:
-                            s = os.lstat(de.path)
-                        except OSError:
-                            s = None
-                        if s is not None and s.st_dev == dev and s.st_ino == ino:
-                            found[(dev, ino)] = (layer, sub)
-                            want.discard(ino)
-                    if is_dir:
-                        stack.append((sub, de.path))
+            if ino in want:
+                try:
+                    s = os.lstat(de.path)
+                except OSError:
+                    s = None
+                if s is not None and s.st_dev == dev and s.st_ino == ino:
+                    found[(dev, ino)] = (layer, sub)
+                    want.discard(ino)
+                    if not want:
+                        break
     return found
 
 

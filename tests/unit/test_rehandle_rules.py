@@ -24,7 +24,6 @@ wrote, and ends with a clean `check -n` where the repair is complete.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -34,7 +33,8 @@ import xattr
 
 from ovlfsck import handles, rehandle
 from ovlfsck.cli import app, invoke
-from ovlfsck.fixture import build
+
+from . import test_origins as origins_run
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for trusted.* xattrs and open_by_handle_at")
 
@@ -49,50 +49,22 @@ def _handle_of(path):
     return handles.encode_for(path, handles.fs_uuid(path) or handles.NULL_UUID).encode()
 
 
-class Run:
-    """A layer set from a spec (tests/unit/test_origins.py's Run, plus stale handles)."""
+class Run(origins_run.Run):
+    """A layer set from a spec (tests/unit/test_origins.py's Run, built under `set/` so that
+    it can be copied, plus stale handles)."""
 
     def __init__(self, tmp_path, capsys, spec, options=""):
         self.tmp = str(tmp_path)
-        self.root = os.path.join(self.tmp, "set")
-        self.capsys = capsys
-        self.layers = build(spec, self.root)
-        lowers = sorted((k for k in self.layers if k.startswith("lower:")), key=lambda k: int(k[6:]))
-        opts = "lowerdir=" + ":".join(self.layers[k] for k in lowers)
-        if "upper" in self.layers:
-            work = self.layers.get("work") or os.path.join(self.root, "work")
-            os.makedirs(work, exist_ok=True)
-            self.layers["work"] = work
-            opts += f",upperdir={self.layers['upper']},workdir={work}"
-            for dirpath, _dirs, _files in os.walk(self.layers["upper"]):
-                xattr.set(dirpath, "trusted.overlay.impure", b"y", nofollow=True)
-        if options:
-            opts += "," + options
-        self.opts = opts
-
-    def check(self, *args):
-        self.capsys.readouterr()
-        code = invoke(app, ["check", "--json", *args, "-o", self.opts], "ovlfsck")
-        doc = json.loads(self.capsys.readouterr().out)
-        assert doc["exit_code"] == code
-        return code, doc
-
-    def codes(self, doc, prefix="OVL"):
-        return sorted((p["code"], p["layer"], p["path"]) for p in doc["problems"] if p["code"].startswith(prefix))
+        os.makedirs(os.path.join(self.tmp, "set"), exist_ok=True)
+        super().__init__(os.path.join(self.tmp, "set"), capsys, spec, options)
 
     def problem(self, doc, code, path=None):
         hits = [p for p in doc["problems"] if p["code"] == code and (path is None or p["path"] == path)]
         assert len(hits) == 1, doc["problems"]
         return hits[0]
 
-    def path(self, layer, rel=""):
-        return os.path.join(self.layers[layer], rel) if rel else self.layers[layer]
-
-    def origin(self, layer, rel=""):
-        try:
-            return xattr.get(self.path(layer, rel), OR, nofollow=True)
-        except OSError:
-            return None
+    def codes(self, doc, prefix="OVL"):
+        return super().codes(doc, prefix)
 
     def set_origin(self, rel, value):
         xattr.set(self.path("upper", rel), OR, value, nofollow=True)
