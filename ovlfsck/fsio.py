@@ -105,7 +105,9 @@ class Xattrs:
                 if not name.startswith(self.prefix) or name.startswith(self._escaped):
                     continue
             try:
-                value = _xattr.get(path, name, nofollow=True)
+                # The raw name: pyxattr encodes a str name strictly (UTF-8), so a name that
+                # is not UTF-8 would raise instead of being read.
+                value = _xattr.get(path, raw, nofollow=True)
             except OSError as exc:
                 self._handle(exc, path, None)
                 continue
@@ -551,7 +553,8 @@ class DevInfo:
 # record per directory: its names in byte order, d_type, d_ino, and the overlay xattrs of
 # every entry (listxattr + getxattr), so that the walker makes none of those syscalls and
 # the I/O of a cold cache overlaps the checks on the second core. It only reads; it never
-# follows a symlink (only d_type directories are entered); on any error it leaves the
+# follows a symlink (a directory is listed only in the layers whose parent listing showed it
+# as a d_type directory); on any error it leaves the
 # entry (or the directory) to the walker, which reads it itself and reports what it must.
 _CHILD = r"""
 import marshal, os, struct, sys
@@ -559,29 +562,31 @@ def main():
     prefix = sys.argv[1]
     esc = prefix + "overlay."
     plen = len(prefix)
-    roots = sys.argv[2:]
-    listx, getx, write, intern = os.listxattr, os.getxattr, os.write, sys.intern
+    # bytes throughout: the parent decodes names with its own file-system encoding
+    roots = [os.fsencode(r) for r in sys.argv[2:]]
+    listx, getx, write, fsencode = os.listxattr, os.getxattr, os.write, os.fsencode
     pack = struct.Struct("<II").pack
     out = []
     size = 0
-    def key(n):
-        return n.encode("utf-8", "surrogateescape")
-    stack = [""]
+    def send(parts):
+        data = memoryview(b"".join(parts))
+        while data:  # a write can be short (a stop and continue of the process group)
+            data = data[write(1, data):]
+    # (relpath, the layers in which it is a directory: their parent's listing said so
+    # without following a symlink)
+    stack = [(b"", range(len(roots)))]
     while stack:
-        rel = stack.pop()
+        rel, layers = stack.pop()
         subdirs = {}
-        for li, root in enumerate(roots):
-            path = root + "/" + rel if rel else root
+        for li in layers:
+            root = roots[li]
+            path = root + b"/" + rel if rel else root
             try:
                 with os.scandir(path) as it:
                     ents = {de.name: de for de in it}
             except OSError:
                 continue
-            names = list(ents)
-            if all(map(str.isascii, names)):
-                names.sort()
-            else:
-                names.sort(key=key)
+            names = sorted(ents)
             kinds = []
             inos = []
             xmap = {}
@@ -594,7 +599,7 @@ def main():
                         k = "f"
                     elif de.is_dir(follow_symlinks=False):
                         k = "d"
-                        subdirs[name] = None
+                        subdirs.setdefault(name, []).append(li)
                         dirs.append(i)
                     elif de.is_symlink():
                         k = "l"
@@ -615,7 +620,7 @@ def main():
                     ours = [n for n in xs if n.startswith(prefix) and not n.startswith(esc)]
                     if ours:
                         try:
-                            xmap[i] = {intern(n[plen:]): getx(p, n, follow_symlinks=False)
+                            xmap[i] = {fsencode(n[plen:]): getx(p, n, follow_symlinks=False)
                                        for n in ours}
                         except OSError:
                             unknown.append(i)
@@ -626,20 +631,15 @@ def main():
             out.append(body)
             size += len(head) + len(body) + 8
             if size >= 32768:
-                write(1, b"".join(out))
+                send(out)
                 out.clear()
                 size = 0
-        if rel.count("/") >= 2047:
+        if rel.count(b"/") >= 2047:
             continue
-        names = list(subdirs)
-        if all(map(str.isascii, names)):
-            names.sort(reverse=True)
-        else:
-            names.sort(key=key, reverse=True)
-        base = rel + "/" if rel else ""
-        stack.extend(base + n for n in names)
+        base = rel + b"/" if rel else b""
+        stack.extend((base + n, subdirs[n]) for n in sorted(subdirs, reverse=True))
     if out:
-        write(1, b"".join(out))
+        send(out)
 try:
     main()
 except (BrokenPipeError, KeyboardInterrupt):
@@ -667,6 +667,8 @@ class Prefetcher:
     """
 
     MAX_BUFFERED = 1 << 18  # bytes of records held, not asked for yet (or kept)
+    MAX_HEAD = 1 << 16  # a frame's (layer, relpath) and record: larger means a broken stream
+    MAX_BODY = 1 << 30
 
     def __init__(self, proc, layers) -> None:
         self.proc = proc
@@ -681,6 +683,7 @@ class Prefetcher:
         self.eof = False
         self.served = 0
         self.missed = 0
+        self.corrupt = False
 
     @classmethod
     def start(cls, layers, xa: Xattrs) -> Optional["Prefetcher"]:
@@ -751,16 +754,23 @@ class Prefetcher:
         try:
             while end - pos >= 8:
                 nhead, nbody = unpack(data, pos)
+                if nhead > self.MAX_HEAD or nbody > self.MAX_BODY:
+                    raise ValueError("frame lengths out of range")
                 start = pos + 8
                 stop = start + nhead + nbody
                 if stop > end:
                     break
-                key = marshal.loads(view[start:start + nhead])
+                li, rel = marshal.loads(view[start:start + nhead])
+                key = (li, rel.decode(_FS_ENCODING, "surrogateescape"))
                 buf[key] = bytes(view[start + nhead:stop])
                 self.buffered += nbody
                 self.last = key
                 added += 1
                 pos = stop
+        except (ValueError, TypeError, EOFError, AttributeError):
+            view.release()
+            self._broken()
+            return
         finally:
             view.release()
         if pos:
@@ -807,13 +817,35 @@ class Prefetcher:
         if not keep:
             del buf[key]
             self.buffered -= len(rec)
+        try:
+            out = _entries(marshal.loads(rec), dirpath, dev, mountpoints)
+        except (ValueError, TypeError, EOFError, AttributeError, IndexError, KeyError):
+            self._broken()
+            self.missed += 1
+            return None
         self.served += 1
-        return _entries(marshal.loads(rec), dirpath, dev, mountpoints)
+        return out
+
+    def _broken(self) -> None:
+        """The stream from the child is not what it sends (it cannot be trusted from here
+        on): stop it; the walk reads every directory itself from now on."""
+        self.corrupt = True
+        self.close()
+
+
+_FS_ENCODING = sys.getfilesystemencoding()
 
 
 def _entries(rec: tuple, dirpath: str, dev: Optional[int],
              mountpoints: Optional[frozenset]) -> Listing:
-    names, kinds, inos, xmap, unknown, dirs = rec
+    """A child's record -> the Listing `scan` would give (names decoded as os.scandir
+    decodes them here; xattr names as Xattrs.read_all decodes them)."""
+    raw_names, kinds, inos, raw_xmap, unknown, dirs = rec
+    enc = _FS_ENCODING
+    names = [n.decode(enc, "surrogateescape") for n in raw_names]
+    intern = sys.intern
+    xmap = {i: {intern(k.decode("utf-8", "surrogateescape")): v for k, v in x.items()}
+            for i, x in raw_xmap.items()}
     prefix = DirPrefix(dirpath if dirpath.endswith("/") else dirpath + "/")
     codes = _KIND_CODES
     none = NO_XATTRS

@@ -253,6 +253,10 @@ def test_check_reports_the_same_with_and_without_the_prefetch_child(tmp_path, mo
 def test_the_walk_stops_the_child_and_reaps_it(tmp_path, monkeypatch):
     upper, lower = _layer_tree(tmp_path)
     monkeypatch.setenv("OVLFSCK_PREFETCH", "1")
+    # A child that is surely still running when the walk stops (the real one may be done
+    # with this small tree already, on a loaded machine); it sends nothing, so the walk
+    # reads for itself.
+    monkeypatch.setattr(fsio, "_CHILD", "import os, time; os.close(1); time.sleep(60)")
     from ovlfsck.stack import build_stack
 
     (tmp_path / "work").mkdir()
@@ -293,3 +297,143 @@ def test_entry_keeps_the_old_constructor():
     st = os.lstat("/")
     e2 = Entry("root", "/", Kind.DIR, st)
     assert e2.lstat() is st and e2.is_dir
+
+
+# ------------------------------------------------------------------ the child's robustness
+
+
+def _all_records(pf) -> dict:
+    """Every record the child sends: {(layer index, relpath): decoded record}."""
+    import marshal
+
+    pf.MAX_BUFFERED = 1 << 30
+    while pf._read(True) or not pf.eof:
+        pass
+    return {k: marshal.loads(v) for k, v in pf.buf.items()}
+
+
+@needs_root
+def test_the_child_never_lists_through_a_symlink(tmp_path):
+    """A symlink in one layer where another layer has a directory of that name: the child
+    lists the directory only in the layer where it is one (never the symlink's target)."""
+    outside = tmp_path / "outside"
+    (outside / "secret-dir").mkdir(parents=True)
+    setx(outside / "secret-dir", "opaque", b"y")
+    upper, lower = tmp_path / "upper", tmp_path / "lower"
+    upper.mkdir()
+    (lower / "a").mkdir(parents=True)
+    os.symlink(outside, upper / "a")
+    layers = [Layer(Role.UPPER, 0, str(upper), 0), Layer(Role.LOWER, 0, str(lower), 1)]
+    pf = Prefetcher.start(layers, Xattrs("trusted"))
+    try:
+        recs = _all_records(pf)
+    finally:
+        pf.close()
+    assert sorted(recs) == [(0, ""), (1, ""), (1, "a")], sorted(recs)
+
+
+@needs_root
+def test_an_xattr_name_that_is_not_utf8_is_read_the_same_both_ways(tmp_path):
+    upper, lower = _layer_tree(tmp_path)
+    f = upper / "d" / "f"
+    os.setxattr(f, os.fsdecode(b"trusted.overlay.\xffodd"), b"v", follow_symlinks=False)
+    xa = Xattrs("trusted")
+    direct = dict(xa.read_all(str(f)))  # raised UnicodeEncodeError in pyxattr before
+    assert direct[os.fsdecode(b"\xffodd")] == b"v"
+    layers = [Layer(Role.UPPER, 0, str(upper), 0), Layer(Role.LOWER, 0, str(lower), 1)]
+    pf = Prefetcher.start(layers, xa)
+    try:
+        got = pf.listing(layers[0], "d", str(upper / "d"), None, None, wait=True)
+    finally:
+        pf.close()
+    assert dict(got["f"].xattrs(xa)) == direct
+
+
+class _FakeProc:
+    """A child that wrote `data` to its stdout and exited."""
+
+    def __init__(self, data: bytes):
+        r, w = os.pipe()
+        os.write(w, data)
+        os.close(w)
+        self.stdout = os.fdopen(r, "rb", buffering=0)
+        self.killed = False
+
+    def kill(self):
+        self.killed = True
+
+    def wait(self):
+        return 0
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x05\x00\x00\x00\x03\x00\x00\x00" + b"\xff" * 8,  # lengths fine, contents not marshal
+    b"\xff\xff\xff\xff\xff\xff\xff\x7f",  # lengths out of range
+])
+def test_a_broken_stream_stops_the_child_and_the_walk_reads_itself(tmp_path, garbage):
+    """A stream out of step (a short write once lost bytes) must not crash the check or
+    hold unbounded data: the prefetcher stops the child and gives no records."""
+    layer = Layer(Role.LOWER, 0, str(tmp_path), 0)
+    proc = _FakeProc(garbage)
+    pf = Prefetcher(proc, [layer])
+    assert pf.listing(layer, "", str(tmp_path), None, None, wait=True) is None
+    assert pf.corrupt and proc.killed and pf.proc is None
+    assert pf.listing(layer, "", str(tmp_path), None, None) is None
+
+
+def test_a_stop_and_continue_of_the_child_loses_nothing(tmp_path):
+    """Ctrl-Z and fg stop and continue the whole process group: the child's os.write on the
+    full pipe returns short. Before, the rest of the batch was lost and the parent read
+    the stream out of step (a crash in marshal); every record must still come through."""
+    import signal
+    import time
+
+    base = tmp_path / "l"
+    for d in range(300):
+        (base / f"d{d:04d}").mkdir(parents=True)
+        for f in range(100):
+            (base / f"d{d:04d}" / f"{'n' * 60}{f:03d}").touch()
+    layer = Layer(Role.LOWER, 0, str(base), 0)
+    pf = Prefetcher.start([layer], Xattrs("trusted"))
+    try:
+        pid = pf.proc.pid
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until it blocks on the full pipe
+            time.sleep(0.2)
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "S":
+                    break
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGCONT)
+        got = [pf.listing(layer, rel, str(base / rel), None, None, wait=True)
+               for rel in [""] + [f"d{d:04d}" for d in range(300)]]
+        assert not pf.corrupt and all(g is not None for g in got)
+        assert sum(len(g) for g in got) == 300 + 300 * 100
+    finally:
+        pf.close()
+
+
+@needs_root
+def test_names_decode_as_the_parent_decodes_them_under_any_locale(tmp_path):
+    """The child (python -I) ignores PYTHONUTF8 and the locale coercion of the parent: it
+    sends names as bytes, decoded by the parent as its own os.scandir would."""
+    import subprocess
+
+    base = tmp_path / "set"
+    for d in ("upper", "lower", "work"):
+        (base / d).mkdir(parents=True)
+    name = os.fsdecode("é".encode())
+    (base / "lower" / name).mkdir()
+    (base / "lower" / name / "f").write_text("x")
+    mkwhiteout(base / "upper" / name)
+    env = dict(os.environ, LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    docs = []
+    for pf in ("0", "1"):
+        env["OVLFSCK_PREFETCH"] = pf
+        p = subprocess.run([sys.executable, "-m", "ovlfsck", "check", "-n", "--json",
+                            "--lower", str(base / "lower"), "--upper", str(base / "upper"),
+                            "--work", str(base / "work")], env=env, capture_output=True)
+        assert p.returncode == 0, (pf, p.stderr.decode(errors="replace")[-2000:])
+        docs.append(json.loads(p.stdout))
+    assert docs[0]["problems"] == docs[1]["problems"] and docs[0]["counts"] == docs[1]["counts"]
