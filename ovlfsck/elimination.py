@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 from ovlfsck.fsio import same_data, walk_tree
 from ovlfsck.stack import Layer
@@ -98,11 +98,10 @@ def fits(g: Group, c: Cand) -> bool:
     return same_data(g.host, g.st, c.host, c.st)
 
 
-def match(groups: list[Group], cands: list[Cand],
-          fit: Callable[[Group, Cand], bool] = fits) -> dict[int, Cand]:
+def match(groups: list[Group], cands: list[Cand]) -> dict[int, Cand]:
     """{group index: its lower inode} for every group that exactly one candidate fits,
     when that candidate fits no other group."""
-    fitting = [[c for c in cands if fit(g, c)] for g in groups]
+    fitting = [[c for c in cands if fits(g, c)] for g in groups]
     users: dict[tuple[int, int], int] = {}
     for f in fitting:
         for c in f:

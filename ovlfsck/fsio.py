@@ -768,7 +768,6 @@ class Prefetcher:
                 added += 1
                 pos = stop
         except (ValueError, TypeError, EOFError, AttributeError):
-            view.release()
             self._broken()
             return
         finally:

@@ -763,17 +763,15 @@ def _by_elimination(ctx: CheckContext, st: _State, left: list[list[_Moved]]) -> 
     from ovlfsck.passes.index import parse_nlink  # the index pass owns the nlink format
 
     upper = ctx.stack.upper
-    groups: list[Optional[elimination.Group]] = []
-    for ms in left:
+    known: list[tuple[int, elimination.Group]] = []  # (index in `left`, its group)
+    for i, ms in enumerate(left):
         host = os.path.join(upper.path, ms[0].relpath)
         try:
             s = os.lstat(host)
             nlink = parse_nlink(ctx.xa.read_all(host).get("nlink"))
         except OSError:
-            groups.append(None)
             continue
-        groups.append(elimination.Group(host, s, len(ms), nlink))
-    known = [(i, g) for i, g in enumerate(groups) if g is not None]
+        known.append((i, elimination.Group(host, s, len(ms), nlink)))
     if not known:
         return {}
     lowers = [lay for lay in ctx.stack.lowers if lay.role is Role.LOWER]
