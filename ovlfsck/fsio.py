@@ -562,9 +562,24 @@ def main():
     prefix = sys.argv[1]
     esc = prefix + "overlay."
     plen = len(prefix)
-    # bytes throughout: the parent decodes names with its own file-system encoding
-    roots = [os.fsencode(r) for r in sys.argv[2:]]
+    # Names as text when this interpreter decodes them as the parent does (the parent's
+    # file-system encoding and error handler in argv[2]): the decoding is done here, on the
+    # core that has time for it. Otherwise bytes, which the parent decodes itself.
+    if sys.argv[2] == sys.getfilesystemencoding() + ":" + sys.getfilesystemencodeerrors():
+        roots = sys.argv[3:]
+        slash, empty = "/", ""
+    else:
+        roots = [os.fsencode(r) for r in sys.argv[3:]]
+        slash, empty = b"/", b""
     listx, getx, write, fsencode = os.listxattr, os.getxattr, os.write, os.fsencode
+    def order(names):
+        # byte order of the names (code point order is that for text without escapes)
+        names = list(names)
+        if slash == "/" and not all(map(str.isascii, names)):
+            names.sort(key=fsencode)
+        else:
+            names.sort()
+        return names
     pack = struct.Struct("<II").pack
     out = []
     size = 0
@@ -574,19 +589,19 @@ def main():
             data = data[write(1, data):]
     # (relpath, the layers in which it is a directory: their parent's listing said so
     # without following a symlink)
-    stack = [(b"", range(len(roots)))]
+    stack = [(empty, range(len(roots)))]
     while stack:
         rel, layers = stack.pop()
         subdirs = {}
         for li in layers:
             root = roots[li]
-            path = root + b"/" + rel if rel else root
+            path = root + slash + rel if rel else root
             try:
                 with os.scandir(path) as it:
                     ents = {de.name: de for de in it}
             except OSError:
                 continue
-            names = sorted(ents)
+            names = order(ents)
             kinds = []
             inos = []
             xmap = {}
@@ -634,10 +649,10 @@ def main():
                 send(out)
                 out.clear()
                 size = 0
-        if rel.count(b"/") >= 2047:
+        if rel.count(slash) >= 2047:
             continue
-        base = rel + b"/" if rel else b""
-        stack.extend((base + n, subdirs[n]) for n in sorted(subdirs, reverse=True))
+        base = rel + slash if rel else empty
+        stack.extend((base + n, subdirs[n]) for n in reversed(order(subdirs)))
     if out:
         send(out)
 try:
@@ -666,6 +681,9 @@ class Prefetcher:
     so memory does not grow with the layers; the child is throttled by the pipe.
     """
 
+    # The child decodes the names when it can decode them as this process does (False:
+    # it always sends bytes; for tests of that path).
+    TEXT_NAMES = True
     MAX_BUFFERED = 1 << 18  # bytes of records held, not asked for yet (or kept)
     MAX_HEAD = 1 << 16  # a frame's (layer, relpath) and record: larger means a broken stream
     MAX_BODY = 1 << 30
@@ -693,7 +711,10 @@ class Prefetcher:
             return None
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _CHILD, xa.prefix, *[lay.path for lay in layers]],
+                [sys.executable, "-I", "-S", "-X", f"utf8={sys.flags.utf8_mode}", "-c", _CHILD,
+                 xa.prefix,
+                 f"{_FS_ENCODING}:{sys.getfilesystemencodeerrors()}" if cls.TEXT_NAMES else "-",
+                 *[lay.path for lay in layers]],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 close_fds=True)
         except OSError:
@@ -761,7 +782,9 @@ class Prefetcher:
                 if stop > end:
                     break
                 li, rel = marshal.loads(view[start:start + nhead])
-                key = (li, rel.decode(_FS_ENCODING, "surrogateescape"))
+                if type(rel) is not str:
+                    rel = rel.decode(_FS_ENCODING, "surrogateescape")
+                key = (li, rel)
                 buf[key] = bytes(view[start + nhead:stop])
                 self.buffered += nbody
                 self.last = key
@@ -839,9 +862,10 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
              mountpoints: Optional[frozenset]) -> Listing:
     """A child's record -> the Listing `scan` would give (names decoded as os.scandir
     decodes them here; xattr names as Xattrs.read_all decodes them)."""
-    raw_names, kinds, inos, raw_xmap, unknown, dirs = rec
-    enc = _FS_ENCODING
-    names = [n.decode(enc, "surrogateescape") for n in raw_names]
+    names, kinds, inos, raw_xmap, unknown, dirs = rec
+    if names and type(names[0]) is bytes:  # the child could not decode as we do
+        enc = _FS_ENCODING
+        names = [n.decode(enc, "surrogateescape") for n in names]
     intern = sys.intern
     xmap = {i: {intern(k.decode("utf-8", "surrogateescape")): v for k, v in x.items()}
             for i, x in raw_xmap.items()}

@@ -42,15 +42,14 @@ class Layer:
     depth: int = 0
     # "upper", "work", "lower:N", "data:N": made once (it is asked for per entry).
     name: str = field(init=False, repr=False, compare=False)
+    # role is Role.UPPER (a plain attribute too: asked for per entry)
+    is_upper: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         name = (self.role.value if self.role in (Role.UPPER, Role.WORK)
                 else f"{self.role.value}:{self.index}")
         object.__setattr__(self, "name", name)
-
-    @property
-    def is_upper(self) -> bool:
-        return self.role is Role.UPPER
+        object.__setattr__(self, "is_upper", self.role is Role.UPPER)
 
     def __str__(self) -> str:  # pragma: no cover - debugging aid
         return f"{self.name}({self.path})"

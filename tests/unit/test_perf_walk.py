@@ -167,6 +167,11 @@ def _layer_tree(base: Path) -> tuple[Path, Path]:
         os.symlink("d", root / "s")
     (lower / "only-lower").mkdir()
     (lower / "only-lower" / os.fsdecode(b"bad\xfename")).write_text("")
+    # Byte order differs from code point order: U+E000 is EE 80 80, the escape of FF U+DCFF.
+    (lower / "only-lower" / "z\ue000").write_text("")
+    (lower / "only-lower" / os.fsdecode(b"z\xff")).mkdir()
+    (lower / "only-lower" / os.fsdecode(b"z\xff") / "in").write_text("")
+    (lower / "only-lower" / "z\ue000d").mkdir()
     (lower / "d" / "e" / "deep").write_text("")
     mkwhiteout(upper / "d" / "wo")
     os.mknod(upper / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
@@ -180,10 +185,12 @@ def _layer_tree(base: Path) -> tuple[Path, Path]:
 
 
 @needs_root
-def test_prefetch_records_are_what_a_scan_reads(tmp_path):
+@pytest.mark.parametrize("text_names", [True, False], ids=["child-decodes", "bytes"])
+def test_prefetch_records_are_what_a_scan_reads(tmp_path, monkeypatch, text_names):
     upper, lower = _layer_tree(tmp_path)
     layers = [Layer(Role.UPPER, 0, str(upper), 0), Layer(Role.LOWER, 0, str(lower), 1)]
     xa = Xattrs("trusted")
+    monkeypatch.setattr(Prefetcher, "TEXT_NAMES", text_names)
     pf = Prefetcher.start(layers, xa)
     assert pf is not None
     proc = pf.proc
@@ -209,6 +216,33 @@ def test_prefetch_records_are_what_a_scan_reads(tmp_path):
         pf.close()
     assert proc.returncode is not None  # reaped
     assert pf.listing(layers[0], "", str(upper), None, None) is None  # closed: nothing
+
+
+@needs_root
+@pytest.mark.parametrize("text_names", [True, False], ids=["child-decodes", "bytes"])
+def test_the_child_sends_directories_in_the_walks_byte_pre_order(tmp_path, monkeypatch, text_names):
+    """The walk waits for a directory only while the child has not passed it in byte
+    pre-order (Prefetcher._before): the child must go in that order, also for names whose
+    code point order is not their byte order."""
+    upper, lower = _layer_tree(tmp_path)
+    layers = [Layer(Role.UPPER, 0, str(upper), 0), Layer(Role.LOWER, 0, str(lower), 1)]
+    monkeypatch.setattr(Prefetcher, "TEXT_NAMES", text_names)
+    pf = Prefetcher.start(layers, Xattrs("trusted"))
+    try:
+        sent = []
+        while pf._read(True):
+            sent.extend(k for k in pf.buf if k not in sent)
+    finally:
+        pf.close()
+    want = set()
+    for li, layer in enumerate(layers):
+        for dirpath, _dirs, _files in os.walk(layer.path):
+            rel = os.path.relpath(dirpath, layer.path)
+            want.add((li, "" if rel == "." else rel))
+    assert set(sent) == want
+    assert sent == sorted(sent, key=lambda k: (fsio._order_key(k[1]), k[0]))
+    names = [k[1] for k in sent if k[1].startswith("only-lower/z")]
+    assert names == ["only-lower/z\ue000d", os.fsdecode(b"only-lower/z\xff")]
 
 
 def _run_check(args, monkeypatch, capsys, prefetch: str) -> tuple[int, dict]:
