@@ -152,12 +152,105 @@ class Listing(dict):
     only at such entries (whiteouts, stray xattrs) iterate `special_items()`; None: every
     entry may be special. `dirs`, when known: the names of the d_type directories."""
 
-    __slots__ = ("special", "dirs")
+    __slots__ = ("special", "dirs", "inos")
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self.special: Optional[list[str]] = None
         self.dirs: Optional[list[str]] = None  # when known: the names of the directories
+        # When known and standing in for st_ino (DevInfo.trusted, no mount point among the
+        # entries): the d_ino of each entry in order (None for directories).
+        self.inos: Optional[list] = None
+
+
+_UNSET = object()
+
+
+class LazyListing(Listing):
+    """A Listing from a prefetch record whose plain entries (no xattrs, type from d_type)
+    are made on first use: most are never looked at. Until then the dict holds the entry's
+    index in the record; every read (`[]`, get, items, values, iteration of the whole, ==)
+    gives Entries."""
+
+    __slots__ = ("_src",)
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self._src: Optional[tuple] = None  # (kinds, inos, dev, prefix) while any is unmade
+
+    def _make(self, name: str, i: int) -> Entry:
+        kinds, inos, dev, prefix = self._src  # type: ignore[misc]
+        entry = Entry(name, None, _KIND_CODES[kinds[i]], None, NO_XATTRS, inos[i], dev, prefix)
+        dict.__setitem__(self, name, entry)
+        return entry
+
+    def _make_all(self) -> None:
+        if self._src is not None:
+            make = self._make
+            for name, v in list(dict.items(self)):
+                if type(v) is int:
+                    make(name, v)
+            self._src = None
+
+    def __getitem__(self, name: str) -> Entry:
+        v = dict.__getitem__(self, name)
+        if type(v) is int:
+            return self._make(name, v)
+        return v
+
+    def get(self, name, default=None):
+        v = dict.get(self, name, _UNSET)
+        if v is _UNSET:
+            return default
+        if type(v) is int:
+            return self._make(name, v)
+        return v
+
+    def __iter__(self):
+        # Not dict's own: dict(listing) and {**listing} then go through keys() and [].
+        return dict.__iter__(self)
+
+    def items(self):
+        self._make_all()
+        return dict.items(self)
+
+    def values(self):
+        self._make_all()
+        return dict.values(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._make_all()
+        if isinstance(other, LazyListing):
+            other._make_all()
+        return dict.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def copy(self) -> "Listing":
+        self._make_all()
+        out = Listing(dict.items(self))
+        out.special, out.dirs, out.inos = self.special, self.dirs, self.inos
+        return out
+
+    def pop(self, name, *default):
+        if name in self:
+            entry = self[name]
+            dict.pop(self, name)
+            return entry
+        return dict.pop(self, name, *default)
+
+    def popitem(self):
+        self._make_all()
+        return dict.popitem(self)
+
+    def setdefault(self, name, default=None):
+        if name in self:
+            return self[name]
+        return dict.setdefault(self, name, default)
+
+    def __repr__(self) -> str:
+        self._make_all()
+        return dict.__repr__(self)
 
 
 def special_items(listing: dict[str, Entry]):
@@ -875,7 +968,12 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
     E = Entry
     special = set(xmap)
     special.update(unknown)
-    if "?" not in kinds:
+    if "?" not in kinds and not mountpoints:
+        # Entries made on use (LazyListing), but for those with xattrs or unknown ones
+        # (below): the passes look at few of the others.
+        out = LazyListing(zip(names, range(len(names))))
+        out._src = (kinds, inos, dev, prefix)
+    elif "?" not in kinds:
         out = Listing(zip(names, [E(name, None, codes[code], None, none, ino, dev, prefix)
                                   for name, code, ino in zip(names, kinds, inos)]))
     else:
@@ -899,10 +997,16 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
             out[names[i]]._xattrs = x
     for i in unknown:
         out[names[i]]._xattrs = None  # the child could not read them: read here
+    if type(out) is LazyListing and len(special) == len(names):
+        out._src = None  # every entry was made above
+    stand_in = dev is not None
     if mountpoints:
         for e in out.values():
             if e.path in mountpoints:
                 e.dev = None
+                stand_in = False
+    if stand_in:
+        out.inos = inos
     out.special = [names[i] for i in sorted(special)]
     out.dirs = [names[i] for i in dirs]
     return out

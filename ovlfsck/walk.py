@@ -130,6 +130,88 @@ class Chain:
         return not any(m.via_redirect for m in self.members)
 
 
+class Chains:
+    """A merged directory's chains, {name: Chain} for every name of the union in byte order.
+
+    Only the chains that need a lookup (a directory, a whiteout, an entry whose xattrs or
+    type are not known to be plain) are built by the walk; a name whose first entry is a
+    plain file or symlink (most names) gets its one-member chain when it is asked for, and
+    keeps it. Reads like a dict."""
+
+    __slots__ = ("_ordered", "_built", "_listings", "_owner", "_members")
+
+    def __init__(self, ordered: list[str], built: dict[str, Chain],
+                 listings: list[dict[str, Entry]], owner: Optional[dict[str, int]],
+                 members: list[Member]) -> None:
+        self._ordered = ordered
+        self._built = built
+        self._listings = listings
+        self._owner = owner  # name -> index of its first listing (None: one listing)
+        self._members = members
+
+    def get(self, name: str, default=None):
+        chain = self._built.get(name)
+        if chain is not None:
+            return chain
+        owner = self._owner
+        if owner is None:
+            i = 0 if name in self._listings[0] else None
+        else:
+            i = owner.get(name)
+        if i is None:
+            return default
+        m = self._members[i]
+        prel = m.relpath
+        chain = self._built[name] = Chain(
+            name, [Member(m.layer, f"{prel}/{name}" if prel else name, self._listings[i][name])])
+        return chain
+
+    def __getitem__(self, name: str) -> Chain:
+        chain = self.get(name)
+        if chain is None:
+            raise KeyError(name)
+        return chain
+
+    def __contains__(self, name: object) -> bool:
+        if name in self._built:
+            return True
+        if self._owner is None:
+            return name in self._listings[0]
+        return name in self._owner
+
+    def __iter__(self):
+        return iter(self._ordered)
+
+    def __len__(self) -> int:
+        return len(self._ordered)
+
+    def keys(self) -> list[str]:
+        return list(self._ordered)
+
+    def items(self):
+        get = self.get
+        return [(name, get(name)) for name in self._ordered]
+
+    def values(self):
+        get = self.get
+        return [get(name) for name in self._ordered]
+
+    def built(self):
+        """The chains built so far: every one that met a lookup beneath its first entry
+        (redirects, directories, whiteouts) is among them."""
+        return self._built.values()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Chains, dict)):
+            return dict(self.items()) == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Chains({dict(self.items())!r})"
+
+
 @dataclass
 class DirVisit:
     """One merged directory, with the listing of each contributing layer directory."""
@@ -137,7 +219,7 @@ class DirVisit:
     path: str  # merged path ('' root); in a hidden walk, the path in that sub-stack
     members: list[Member]
     listings: list[dict[str, Entry]]
-    chains: dict[str, Chain]  # every name of the union, resolved
+    chains: "Chains | dict[str, Chain]"  # every name of the union, resolved
     hidden: bool = False  # a sub-stack walk below a hidden lower directory
     straight: bool = True  # no redirect on the way here
     # The names (in order) whose chain met a redirect; None: not known, look at every chain.
@@ -183,17 +265,19 @@ def _plain(entry: Entry) -> bool:
     return x is NO_XATTRS or (x is not None and "whiteout" not in x)
 
 
-def _first_entries(ordered: list[str], listings: list[dict[str, Entry]], members: list[Member]):
-    """(name, its first entry, that entry's layer, the layer-relative prefix) per name."""
-    gets = [lst.get for lst in listings]
-    prefixes = [(m.layer, m.relpath + "/" if m.relpath else "") for m in members]
-    for name in ordered:
-        for i, get in enumerate(gets):
-            entry = get(name)
-            if entry is not None:
-                break
-        layer, prefix = prefixes[i]
-        yield name, entry, layer, prefix
+def maybe_special(listing: dict[str, Entry]) -> Optional[list[str]]:
+    """The names of `listing` that may not be plain files or symlinks, in byte order, when
+    the listing knows them (fsio.Listing from the prefetch child: its `special` and `dirs`);
+    None: any name may be."""
+    special = getattr(listing, "special", None)
+    dirs = getattr(listing, "dirs", None)
+    if special is None or dirs is None:
+        return None
+    if not dirs:
+        return special
+    if not special:
+        return dirs
+    return sort_names(set(special).union(dirs))
 
 
 class Walker:
@@ -544,35 +628,49 @@ class Walker:
             self.prefetcher = None
 
     def _chains(self, path: str, members: list[Member], listings: list[dict[str, Entry]],
-                straight: bool) -> tuple[list[str], dict[str, Chain], list[str], list[str]]:
+                straight: bool) -> tuple[list[str], Chains, list[str], list[str]]:
         """Every name of the union in byte order, its chain, the names whose chain is a
         directory and those whose chain met a redirect.
 
-        A name whose first entry is not a directory needs no lookup beneath it: its chain
-        is built here directly (the hot path: most names are files); directories go
-        through `resolve`."""
-        chains: dict[str, Chain] = {}
+        Only names whose first entry may not be plain (a listing's `special` and `dirs`, when
+        it knows them; else every name) are looked at here: a directory goes through
+        `resolve`, a whiteout or an unknown entry gets its chain. The others (plain files and
+        symlinks: most names) need no lookup beneath them; `Chains` makes theirs on use."""
+        built: dict[str, Chain] = {}
         dirs: list[str] = []
         redirected: list[str] = []
         if len(listings) == 1:
             # One layer directory (most directories): every name's first entry is its own.
             lst = listings[0]
             ordered = list(lst)  # listings are in byte order already
+            owner = None
+            layer = members[0].layer
             prefix = members[0].relpath + "/" if members[0].relpath else ""
-            firsts = ((name, entry, members[0].layer, prefix) for name, entry in lst.items())
+            cands = maybe_special(lst)
+            for name in ordered if cands is None else cands:
+                entry = lst[name]
+                if not _plain(entry):
+                    self._chain(name, entry, layer, prefix, members, listings, path, straight,
+                                built, dirs, redirected)
         else:
-            names: dict[str, None] = {}
-            for lst in listings:
-                names.update(dict.fromkeys(lst))
-            ordered = sort_names(names)
-            firsts = _first_entries(ordered, listings, members)
-        for name, entry, layer, prefix in firsts:
-            if _plain(entry):
-                chains[name] = Chain(name, [Member(layer, prefix + name, entry)])
-            else:
-                self._chain(name, entry, layer, prefix, members, listings, path, straight,
-                            chains, dirs, redirected)
-        return ordered, chains, dirs, redirected
+            # name -> the first listing that has it (the topmost layer's update wins)
+            owner = {}
+            for i in range(len(listings) - 1, -1, -1):
+                owner.update(dict.fromkeys(listings[i], i))
+            ordered = sort_names(owner)
+            cands = []
+            for i, lst in enumerate(listings):
+                names = maybe_special(lst)
+                cands.extend(n for n in (lst if names is None else names) if owner[n] == i)
+            prefixes = [(m.layer, m.relpath + "/" if m.relpath else "") for m in members]
+            for name in sort_names(cands):
+                i = owner[name]
+                entry = listings[i][name]
+                if not _plain(entry):
+                    layer, prefix = prefixes[i]
+                    self._chain(name, entry, layer, prefix, members, listings, path, straight,
+                                built, dirs, redirected)
+        return ordered, Chains(ordered, built, listings, owner, members), dirs, redirected
 
     def _chain(self, name: str, entry: Entry, layer: Layer, prefix: str, members: list[Member],
                listings: list[dict[str, Entry]], path: str, straight: bool,
@@ -616,7 +714,7 @@ class Walker:
             del chains, dirs, redirected
 
     def _remember_hidden(self, members: list[Member], listings: list[dict[str, Entry]],
-                         chains: dict[str, Chain]) -> None:
+                         chains: "Chains | dict[str, Chain]") -> None:
         """Lower directories hidden in a merged directory: remember them for the hidden
         walk. Reached means: in the chain of its own name, or reached through a redirect."""
         redirected = None
@@ -634,7 +732,8 @@ class Walker:
                 if chain is not None and any(m.entry is entry for m in chain.members):
                     continue
                 if redirected is None:
-                    redirected = {m.key for c in chains.values() if c.redirects
+                    known = chains.built() if isinstance(chains, Chains) else chains.values()
+                    redirected = {m.key for c in known if c.redirects
                                   for m in c.members if m.via_redirect}
                 rel = join(member.relpath, name)
                 if redirected and (layer_name(member.layer), rel) in redirected:

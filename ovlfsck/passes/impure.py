@@ -6,7 +6,7 @@ from ovlfsck.engine import CheckContext, Finding
 from ovlfsck.fsio import quoted
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import SetXattr
-from ovlfsck.walk import DirVisit, join, validate_redirect
+from ovlfsck.walk import DirVisit, maybe_special, join, validate_redirect
 
 
 def check(ctx: CheckContext, visit: DirVisit) -> None:
@@ -16,7 +16,11 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
     if ctx.xattrs_of(top.layer, top.relpath, top.entry).get("impure") == b"y":
         return
     reasons: list[str] = []
-    for name, entry in visit.listings[0].items():
+    listing = visit.listings[0]
+    # Only an entry with xattrs or a directory can be a reason (an origin, a redirect, a
+    # merge): those, when the listing knows them.
+    names = maybe_special(listing)
+    for name, entry in (listing.items() if names is None else [(n, listing[n]) for n in names]):
         if entry.is_chr_whiteout():
             continue
         x = ctx.xattrs_of(top.layer, join(top.relpath, name), entry)

@@ -34,7 +34,7 @@ from typing import Optional
 
 from ovlfsck import handles, rehandle
 from ovlfsck.engine import CheckContext, Finding
-from ovlfsck.fsio import Kind, quoted, same_data
+from ovlfsck.fsio import Kind, quoted, same_data, sort_names, special_items
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import Link, MakeWhiteout, Quarantine, Rename, SetXattr
 from ovlfsck.stack import Layer
@@ -353,7 +353,8 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
     if has_upper:
         top = members[0]
         entries = st.entries
-        for name, entry in visit.listings[0].items():
+        # Only an entry with xattrs can carry an origin (special_items: those, when known).
+        for name, entry in special_items(visit.listings[0]):
             if entry.kind is Kind.DIR or entry.is_dir or entry.is_chr_whiteout():
                 continue
             rel = join(top.relpath, name)
@@ -372,8 +373,10 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
     if st.lower_files:
         wanted = st.lower_files
         inos = st.lower_inos
-        for name, chain in visit.chains.items():
-            chain_members = chain.members
+        chains = visit.chains
+        for name in _lower_candidates(visit, inos):
+            chain = chains.get(name)
+            chain_members = chain.members if chain is not None else None
             if not chain_members:
                 continue
             m = chain_members[0]
@@ -400,6 +403,23 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
                 parent = visit.path.rpartition("/")[0]
                 e.visible.append(_Alias(visit.path, f"{lower.layer.name}:{lower.relpath}",
                                         _upper_dir_of(ctx, parent), has_upper=has_upper))
+
+
+def _lower_candidates(visit: DirVisit, inos: set[int]):
+    """The names of `visit` whose first entry may be a lower file with an inode number in
+    `inos`, in byte order: with the listings' d_ino (fsio.Listing.inos, from the prefetch
+    child) only those; else every name."""
+    names: list[str] = []
+    for member, listing in zip(visit.members, visit.listings):
+        if member.layer.is_upper:
+            continue
+        lino = getattr(listing, "inos", None)
+        if lino is None:
+            return visit.chains
+        if inos.isdisjoint(lino):
+            continue
+        names.extend(name for name, ino in zip(listing, lino) if ino in inos)
+    return sort_names(set(names)) if names else ()
 
 
 def _upper_dir_of(ctx: CheckContext, merged: str) -> Optional[str]:

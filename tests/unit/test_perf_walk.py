@@ -472,3 +472,76 @@ def test_names_decode_as_the_parent_decodes_them_under_any_locale(tmp_path):
         assert p.returncode == 0, (pf, p.stderr.decode(errors="replace")[-2000:])
         docs.append(json.loads(p.stdout))
     assert docs[0]["problems"] == docs[1]["problems"] and docs[0]["counts"] == docs[1]["counts"]
+
+
+# --------------------------------------------------------------------------- lazy entries
+
+
+def _record(names, kinds, inos, xmap=None, unknown=(), dirs=()):
+    return (names, kinds, inos, xmap or {}, list(unknown), list(dirs))
+
+
+@needs_root
+def test_lazy_listing_reads_like_the_eager_one(tmp_path):
+    rec = _record(["a", "b", "c", "d"], "fdlf", [11, None, 13, 14], {3: {b"origin": b"x"}},
+                  dirs=[1])
+    lazy = fsio._entries(rec, str(tmp_path), 7, None)
+    assert type(lazy) is fsio.LazyListing
+    # Only the entry with xattrs was made; the others hold their index until asked for.
+    assert [type(v) for v in dict.values(lazy)] == [int, int, int, Entry]
+    eager = fsio._entries(rec, str(tmp_path), 7, frozenset({"/nowhere"}))
+    assert type(eager) is Listing
+
+    def shape(e):
+        return (e.name, e.path, e.kind, e.ino, e.dev, dict(e.xattrs(Xattrs("trusted"))))
+
+    a = lazy["a"]
+    assert shape(a) == shape(eager["a"]) and lazy["a"] is a  # made once, then kept
+    assert shape(lazy.get("c")) == shape(eager["c"]) and lazy.get("zz", 5) == 5
+    assert list(lazy) == ["a", "b", "c", "d"] and len(lazy) == 4 and "b" in lazy
+    assert (lazy.special, lazy.dirs, lazy.inos) == (["d"], ["b"], [11, None, 13, 14])
+    copied = dict(lazy)  # not dict's fast copy of the raw values
+    assert all(isinstance(v, Entry) for v in copied.values())
+    assert [shape(e) for e in lazy.values()] == [shape(e) for e in eager.values()]
+    assert all(isinstance(v, Entry) for v in dict.values(lazy))
+
+
+@needs_root
+def test_the_walk_makes_chains_only_for_names_that_need_a_lookup(tmp_path):
+    """Plain files and symlinks of a prefetched listing get their chain (and Entry) on use;
+    what the passes see is the same (test_check_reports_the_same_... covers the report)."""
+    from ovlfsck.walk import Chains
+
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    for root in (lower, upper):
+        (root / "d").mkdir(parents=True)
+        for i in range(20):
+            (root / "d" / f"f{i}").write_text("x")
+    (lower / "d" / "sub").mkdir()
+    (lower / "only").mkdir()
+    for i in range(5):
+        (lower / "only" / f"g{i}").write_text("x")
+    os.symlink("g0", lower / "only" / "ln")
+    mkwhiteout(upper / "d" / "gone")
+    (lower / "d" / "gone").write_text("")
+    from ovlfsck.stack import Stack
+
+    stack = Stack(lowers=(Layer(Role.LOWER, 0, str(lower), 1),),
+                  upper=Layer(Role.UPPER, 0, str(upper), 0))
+    walker = Walker(stack, Xattrs("trusted"), lambda *a: None)
+    walker.prefetcher = Prefetcher.start(walker.layers, walker.xa)
+    try:
+        visits = {v.path: v for v in walker.visits()}
+    finally:
+        walker.close()
+    chains = visits["d"].chains
+    assert isinstance(chains, Chains)
+    assert sorted(c.name for c in chains.built()) == ["gone", "sub"]  # none for f0..f19 yet
+    assert list(chains) == sorted(["gone", "sub"] + [f"f{i}" for i in range(20)])
+    c = chains["f3"]
+    assert [m.key for m in c.members] == [("upper", "d/f3")] and chains["f3"] is c
+    assert chains["gone"].whiteout is not None and chains["sub"].is_dir
+    assert "nope" not in chains and chains.get("nope") is None
+    one = visits["only"].chains  # one layer directory
+    assert list(one.built()) == [] and len(one) == 6
+    assert [m.key for m in one["ln"].members] == [("lower:0", "only/ln")]
