@@ -650,7 +650,7 @@ class DevInfo:
 # as a d_type directory); on any error it leaves the
 # entry (or the directory) to the walker, which reads it itself and reports what it must.
 _CHILD = r"""
-import marshal, os, struct, sys
+import marshal, operator, os, struct, sys
 def main():
     prefix = sys.argv[1]
     esc = prefix + "overlay."
@@ -674,6 +674,10 @@ def main():
             names.sort()
         return names
     pack = struct.Struct("<II").pack
+    dflags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    getname = operator.attrgetter("name")
+    def bytename(de):
+        return fsencode(de.name)
     out = []
     size = 0
     def send(parts):
@@ -689,25 +693,45 @@ def main():
         for li in layers:
             root = roots[li]
             path = root + slash + rel if rel else root
+            # The directory by an fd and the working directory: every listxattr below
+            # resolves one name, not the whole path again.
             try:
-                with os.scandir(path) as it:
-                    ents = {de.name: de for de in it}
+                fd = os.open(path, dflags)
             except OSError:
                 continue
-            names = order(ents)
+            try:
+                os.fchdir(fd)
+                with os.scandir(fd) as it:
+                    des = list(it)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            des.sort(key=getname)
+            names = [de.name for de in des]
+            if not all(map(str.isascii, names)):
+                # byte order; and bytes for a parent that decodes otherwise (a scandir of
+                # an fd gives text; fsencode gives back the bytes read)
+                des.sort(key=bytename)
+                names = [de.name for de in des]
+                if slash != "/":
+                    names = [fsencode(n) for n in names]
+            elif slash != "/":
+                names = [n.encode("ascii") for n in names]
             kinds = []
             inos = []
             xmap = {}
             unknown = []
             dirs = []
-            for i, name in enumerate(names):
-                de = ents[name]
+            i = -1
+            for de in des:
+                i += 1
                 try:
                     if de.is_file(follow_symlinks=False):
                         k = "f"
                     elif de.is_dir(follow_symlinks=False):
                         k = "d"
-                        subdirs.setdefault(name, []).append(li)
+                        subdirs.setdefault(names[i], []).append(li)
                         dirs.append(i)
                     elif de.is_symlink():
                         k = "l"
@@ -718,7 +742,7 @@ def main():
                     k, ino = "?", 0
                 kinds.append(k)
                 inos.append(ino)
-                p = de.path
+                p = de.name
                 try:
                     xs = listx(p, follow_symlinks=False)
                 except OSError:
