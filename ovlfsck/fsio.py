@@ -152,11 +152,12 @@ class Listing(dict):
     only at such entries (whiteouts, stray xattrs) iterate `special_items()`; None: every
     entry may be special. `dirs`, when known: the names of the d_type directories."""
 
-    __slots__ = ("special", "dirs", "inos")
+    __slots__ = ("special", "dirs", "inos", "special_items")
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self.special: Optional[list[str]] = None
+        self.special_items: Optional[list[tuple[str, Entry]]] = None  # see special_items()
         self.dirs: Optional[list[str]] = None  # when known: the names of the directories
         # When known and standing in for st_ino (DevInfo.trusted, no mount point among the
         # entries): the d_ino of each entry in order (None for directories).
@@ -258,7 +259,10 @@ def special_items(listing: dict[str, Entry]):
     special = getattr(listing, "special", None)
     if special is None:
         return listing.items()
-    return [(name, listing[name]) for name in special]
+    items = listing.special_items
+    if items is None:  # made once: several passes ask
+        items = listing.special_items = [(name, listing[name]) for name in special]
+    return items
 
 
 class ReaddirStat:
@@ -975,6 +979,19 @@ class Prefetcher:
 _FS_ENCODING = sys.getfilesystemencoding()
 
 
+def _other_kind(name: str, prefix: "DirPrefix", ino: Optional[int], dev: Optional[int]) -> Entry:
+    """The Entry of a record's entry whose type d_type did not tell (lstat'ed here)."""
+    st = None
+    try:
+        st = os.lstat(prefix + name)
+        kind: Optional[Kind] = kind_of_mode(st.st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        kind = _GONE
+    except OSError:
+        kind = None
+    return Entry(name, None, kind, st, NO_XATTRS, ino or None, dev, prefix)
+
+
 def _entries(rec: tuple, dirpath: str, dev: Optional[int],
              mountpoints: Optional[frozenset]) -> Listing:
     """A child's record -> the Listing `scan` would give (names decoded as os.scandir
@@ -992,30 +1009,25 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
     E = Entry
     special = set(xmap)
     special.update(unknown)
-    if "?" not in kinds and not mountpoints:
-        # Entries made on use (LazyListing), but for those with xattrs or unknown ones
-        # (below): the passes look at few of the others.
+    if not mountpoints:
+        # Entries made on use (LazyListing), but for those of another type (below: a
+        # whiteout is a character device), with xattrs or unknown ones: the passes look at
+        # few of the others.
         out = LazyListing(zip(names, range(len(names))))
         out._src = (kinds, inos, dev, prefix)
-    elif "?" not in kinds:
-        out = Listing(zip(names, [E(name, None, codes[code], None, none, ino, dev, prefix)
-                                  for name, code, ino in zip(names, kinds, inos)]))
-    else:
-        out = Listing()
-        for i, (name, code, ino) in enumerate(zip(names, kinds, inos)):
-            path = prefix + name
-            kind = codes.get(code)
-            st = None
-            if kind is None:
+        if "?" in kinds:
+            find = kinds.find
+            i = find("?")
+            while i >= 0:
                 special.add(i)
-                try:
-                    st = os.lstat(path)
-                    kind = kind_of_mode(st.st_mode)
-                except (FileNotFoundError, NotADirectoryError):
-                    kind = _GONE
-                except OSError:
-                    kind = None
-            out[name] = E(name, None, kind, st, none, ino or None, dev, prefix)
+                name = names[i]
+                dict.__setitem__(out, name, _other_kind(name, prefix, inos[i], dev))
+                i = find("?", i + 1)
+    else:
+        out = Listing(zip(names, [E(name, None, codes[code], None, none, ino, dev, prefix)
+                                  if code != "?" else _other_kind(name, prefix, ino, dev)
+                                  for name, code, ino in zip(names, kinds, inos)]))
+        special.update(i for i, code in enumerate(kinds) if code == "?")
     if xmap:
         for i, x in xmap.items():
             out[names[i]]._xattrs = x

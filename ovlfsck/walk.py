@@ -677,6 +677,13 @@ class Walker:
                chains: dict[str, Chain], dirs: list[str], redirected: list[str]) -> None:
         """`_chains` for a name whose first entry may be a directory or a whiteout."""
         kind = entry.kind
+        if kind is _DIR and entry._xattrs is NO_XATTRS and (
+                len(listings) == 1 or sum(name in lst for lst in listings) == 1):
+            # A directory without xattrs that no other layer directory here has (most
+            # directories): its chain is itself, as `resolve` would find.
+            chains[name] = Chain(name, [Member(layer, prefix + name, entry)])
+            dirs.append(name)
+            return
         if kind is _DIR or kind is None:
             chain = chains[name] = self.resolve(name, members, listings, path, straight)
             cm = chain.members
