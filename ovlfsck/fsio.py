@@ -678,7 +678,8 @@ def main():
             names.sort()
         return names
     pack = struct.Struct("<II").pack
-    dflags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    here = "." if slash == "/" else b"."
+    roots = [os.path.abspath(r) for r in roots]  # before the first chdir
     getname = operator.attrgetter("name")
     def bytename(de):
         return fsencode(de.name)
@@ -697,31 +698,19 @@ def main():
         for li in layers:
             root = roots[li]
             path = root + slash + rel if rel else root
-            # The directory by an fd and the working directory: every listxattr below
-            # resolves one name, not the whole path again.
+            # The directory as the working directory: every listxattr below resolves one
+            # name, not the whole path again (one chdir per directory).
             try:
-                fd = os.open(path, dflags)
-            except OSError:
-                continue
-            try:
-                os.fchdir(fd)
-                with os.scandir(fd) as it:
+                os.chdir(path)
+                with os.scandir(here) as it:
                     des = list(it)
             except OSError:
                 continue
-            finally:
-                os.close(fd)
             des.sort(key=getname)
             names = [de.name for de in des]
-            if not all(map(str.isascii, names)):
-                # byte order; and bytes for a parent that decodes otherwise (a scandir of
-                # an fd gives text; fsencode gives back the bytes read)
-                des.sort(key=bytename)
+            if slash == "/" and not all(map(str.isascii, names)):
+                des.sort(key=bytename)  # byte order
                 names = [de.name for de in des]
-                if slash != "/":
-                    names = [fsencode(n) for n in names]
-            elif slash != "/":
-                names = [n.encode("ascii") for n in names]
             kinds = []
             inos = []
             xmap = {}
