@@ -225,6 +225,10 @@ class LazyListing(Listing):
             other._make_all()
         return dict.__eq__(self, other)
 
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
     __hash__ = None  # type: ignore[assignment]
 
     def copy(self) -> "Listing":
@@ -263,6 +267,21 @@ def special_items(listing: dict[str, Entry]):
     if items is None:  # made once: several passes ask
         items = listing.special_items = [(name, listing[name]) for name in special]
     return items
+
+
+def maybe_special(listing: dict[str, Entry]) -> Optional[list[str]]:
+    """The names of `listing` that may not be plain files or symlinks, in byte order, when
+    the listing knows them (a Listing from the prefetch child: its `special` and `dirs`);
+    None: any name may be."""
+    special = getattr(listing, "special", None)
+    dirs = getattr(listing, "dirs", None)
+    if special is None or dirs is None:
+        return None
+    if not dirs:
+        return special
+    if not special:
+        return dirs
+    return sort_names(set(special).union(dirs))
 
 
 class ReaddirStat:
@@ -716,9 +735,7 @@ def main():
             xmap = {}
             unknown = []
             dirs = []
-            i = -1
-            for de in des:
-                i += 1
+            for i, de in enumerate(des):
                 try:
                     if de.is_file(follow_symlinks=False):
                         k = "f"

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 from ovlfsck.fsio import (
-    NO_XATTRS, DevInfo, Entry, Kind, Prefetcher, Xattrs, lstat_entry, quoted, scan_sorted,
-    sort_names,
+    NO_XATTRS, DevInfo, Entry, Kind, Prefetcher, Xattrs, lstat_entry, maybe_special, quoted,
+    scan_sorted, sort_names,
 )
 from ovlfsck.stack import Layer, Stack
 
@@ -263,21 +263,6 @@ def _plain(entry: Entry) -> bool:
         return False
     x = entry._xattrs
     return x is NO_XATTRS or (x is not None and "whiteout" not in x)
-
-
-def maybe_special(listing: dict[str, Entry]) -> Optional[list[str]]:
-    """The names of `listing` that may not be plain files or symlinks, in byte order, when
-    the listing knows them (fsio.Listing from the prefetch child: its `special` and `dirs`);
-    None: any name may be."""
-    special = getattr(listing, "special", None)
-    dirs = getattr(listing, "dirs", None)
-    if special is None or dirs is None:
-        return None
-    if not dirs:
-        return special
-    if not special:
-        return dirs
-    return sort_names(set(special).union(dirs))
 
 
 class Walker:

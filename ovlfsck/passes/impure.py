@@ -3,10 +3,10 @@ directory or a merged directory (copy_up.c, dir.c, namei.c:ovl_fix_origin)."""
 from __future__ import annotations
 
 from ovlfsck.engine import CheckContext, Finding
-from ovlfsck.fsio import quoted
+from ovlfsck.fsio import maybe_special, quoted
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import SetXattr
-from ovlfsck.walk import DirVisit, maybe_special, join, validate_redirect
+from ovlfsck.walk import DirVisit, join, validate_redirect
 
 
 def check(ctx: CheckContext, visit: DirVisit) -> None:

@@ -68,28 +68,38 @@ def test_defaults_when_options_are_absent(layers):
     assert seen["options"] == [f"lowerdir={layers / 'l1'}"]
 
 
-def test_other_shapes_go_to_typers_coercion():
+def test_other_shapes_go_to_typers_coercion(monkeypatch):
+    import typer._coercion
+
+    built = []
+
+    class Typers:
+        def coerce(self, value, param=None, ctx=None):
+            return ("typer", value)
+
+    def build(descriptor):
+        built.append(descriptor)
+        return Typers()
+
+    monkeypatch.setattr(typer._coercion, "build_runtime_param", build)
+
     class Param:
         multiple = False
         nargs = 1
 
-    class Desc:
-        annotation = str
-        file_annotation = None
-        parameter_info = None
-
-    plain = cli._PlainValue("text", Desc())
+    desc = object()
+    plain = cli._PlainValue("text", desc)
     assert plain.coerce("x", Param(), None) == "x"
     assert plain.coerce(None, Param(), None) is None
-    flag = cli._PlainValue("flag", Desc())
+    flag = cli._PlainValue("flag", desc)
     assert flag.coerce(True, Param(), None) is True
-    many = cli._PlainValue("list", Desc())
+    many = cli._PlainValue("list", desc)
     assert many.coerce(("a", "b"), Param(), None) == ["a", "b"]
     assert many.coerce(None, Param(), None) == []
-    # Not text: typer's own coercion (pydantic) decides; an int becomes its text or is
-    # refused, never passed through as an int.
-    try:
-        got = plain.coerce(5, Param(), None)
-    except Exception:
-        return
-    assert got == "5"
+    assert built == []  # none of those needed typer's coercion
+    # Anything of another shape is typer's to coerce (built once per parameter).
+    assert plain.coerce(5, Param(), None) == ("typer", 5)
+    assert flag.coerce("yes", Param(), None) == ("typer", "yes")
+    assert many.coerce(("a", 1), Param(), None) == ("typer", ("a", 1))
+    assert plain.coerce(6, Param(), None) == ("typer", 6)
+    assert built == [desc, desc, desc]

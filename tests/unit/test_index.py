@@ -99,6 +99,14 @@ def run(tmp_path, capsys):
     return lambda spec, options="index=on": Run(tmp_path, capsys, spec, options)
 
 
+@pytest.fixture(params=["0", "1"], ids=["direct", "prefetched"])
+def run_both(request, run, monkeypatch):
+    """`run`, with the walk reading every directory itself and with the read-ahead child
+    from the start (its listings find lower hardlinks by d_ino: index._lower_candidates)."""
+    monkeypatch.setenv("OVLFSCK_PREFETCH", request.param)
+    return run
+
+
 def x(path, suffix):
     try:
         return xattr.get(path, NS + suffix, nofollow=True)
@@ -135,14 +143,16 @@ def test_nlink_format_is_parsed_like_the_kernel(raw, want):
 # --------------------------------------------------------------------------- healthy states
 
 
-def test_indexed_hardlink_with_visible_lower_alias_is_clean(run):
+def test_indexed_hardlink_with_visible_lower_alias_is_clean(run_both):
+    run = run_both
     r = run(HARDLINKS)
     r.link_up("p", "p")  # upper p + entry (2 links), lower q visible: U+0 gives 2
     code, doc = r.check("-n")
     assert code == 0 and r.codes(doc) == [], doc
 
 
-def test_alias_visible_through_a_redirected_directory_is_counted(run):
+def test_alias_visible_through_a_redirected_directory_is_counted(run_both):
+    run = run_both
     # A1: d1/hl indexed, its lower hardlink d2/hl3 visible as d2moved/hl3 (redirect).
     spec = """
 [lower:0]
@@ -297,7 +307,8 @@ def test_broken_hardlink_with_a_differing_copy_is_only_quarantined(run):
     assert r.check("-n")[0] == 0
 
 
-def test_broken_hardlink_serving_lower_aliases_needs_a_decision(run):
+def test_broken_hardlink_serving_lower_aliases_needs_a_decision(run_both):
+    run = run_both
     r = run(HARDLINKS)
     entry = r.link_up("p", "p", nlink=b"U+1")
     os.unlink(entry)
@@ -308,7 +319,8 @@ def test_broken_hardlink_serving_lower_aliases_needs_a_decision(run):
     assert r.check("-p")[0] == 4
 
 
-def test_orphan_with_a_visible_lower_alias(run):
+def test_orphan_with_a_visible_lower_alias(run_both):
+    run = run_both
     # The upper alias of a one-link lower file removed offline (nfs_export copy-up).
     r = run("[lower:0]\nfile k text=k\nfile keep text=k\n[upper]\nxattr . impure=y\n", "index=on,nfs_export=on")
     entry = r.orphan_entry("k", nlink=b"U-1")

@@ -500,6 +500,14 @@ def test_lazy_listing_reads_like_the_eager_one(tmp_path):
     assert shape(lazy.get("c")) == shape(eager["c"]) and lazy.get("zz", 5) == 5
     assert list(lazy) == ["a", "b", "c", "d"] and len(lazy) == 4 and "b" in lazy
     assert (lazy.special, lazy.dirs, lazy.inos) == (["d"], ["b"], [11, None, 13, 14])
+    other = fsio._entries(rec, str(tmp_path), 7, None)
+    assert [shape(e) for e in other.copy().values()] == [shape(e) for e in eager.values()]
+    assert type(other.pop("b")) is Entry and other.pop("b", None) is None
+    assert type(other.setdefault("c")) is Entry and type(other.popitem()[1]) is Entry
+    # Two listings of the same names elsewhere are not equal (their unmade indices are).
+    plain = _record(["a", "b"], "ff", [11, 12])
+    here, there = fsio._entries(plain, str(tmp_path), 7, None), fsio._entries(plain, "/x", 7, None)
+    assert not (here == there) and here != there
     copied = dict(lazy)  # not dict's fast copy of the raw values
     assert all(isinstance(v, Entry) for v in copied.values())
     assert [shape(e) for e in lazy.values()] == [shape(e) for e in eager.values()]
@@ -542,6 +550,7 @@ def test_the_walk_makes_chains_only_for_names_that_need_a_lookup(tmp_path):
     assert [m.key for m in c.members] == [("upper", "d/f3")] and chains["f3"] is c
     assert chains["gone"].whiteout is not None and chains["sub"].is_dir
     assert "nope" not in chains and chains.get("nope") is None
+    assert chains == dict(chains.items()) and chains != {}
     one = visits["only"].chains  # one layer directory
     assert list(one.built()) == [] and len(one) == 6
     assert [m.key for m in one["ln"].members] == [("lower:0", "only/ln")]
