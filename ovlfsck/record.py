@@ -474,6 +474,35 @@ def write_atomic(path: str, data: bytes) -> None:
         os.close(dfd)
 
 
+_HANDLES_KEY = b'\n "handles": ['  # the last top-level key, as `record` writes it
+
+
+def load_record_head(path: str, limit: int = 1 << 20) -> Optional[dict]:
+    """The `stack` of a record, read from the part of the file before its handles (written
+    last), so that a check of layers that were not moved need not load every handle.
+    None when the head cannot tell (another layout, another format, damaged, unreadable):
+    the caller then loads the whole record, with its errors."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit)
+    except OSError:
+        return None
+    end = data.find(_HANDLES_KEY)
+    if end < 0:
+        return None
+    head = data[:end].rstrip()
+    if not head.endswith(b","):
+        return None
+    try:
+        doc = json.loads(head[:-1] + b"}")
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        return None
+    stack = doc.get("stack")
+    return stack if isinstance(stack, dict) else None
+
+
 def load_record(path: str) -> Record:
     """Read a record file; refuse other format versions and damaged files (exit 8)."""
     try:

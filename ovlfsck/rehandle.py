@@ -24,7 +24,7 @@ from typing import Optional
 
 from ovlfsck import handles
 from ovlfsck.fsio import kind_of_mode, quoted
-from ovlfsck.record import Record, RecordError, load_record, record_path
+from ovlfsck.record import Record, RecordError, load_record, load_record_head, record_path
 from ovlfsck.repair import UnsafePathError, split_relpath
 from ovlfsck.stack import Layer
 
@@ -72,29 +72,54 @@ class Rehandler:
         (None: unknown, no handle can be made)."""
         self.ctx = ctx
         self.encode_uuid = encode_uuid
-        self.record: Optional[Record] = None
-        self.record_problem: Optional[str] = None
+        self._record: Optional[Record] = None
+        self._record_problem: Optional[str] = None
+        self._loaded = False
         self._by_key: dict[tuple, object] = {}
         self._learned: dict[tuple, NewHandle] = {}
         self._layers = {lay.name: lay for lay in ctx.stack.all_layers}
-        self._load()
 
     # ------------------------------------------------------------------ the record
 
-    def _load(self) -> None:
+    # The record is read when a handle is found stale (or `moved` cannot be told from its
+    # head): a check of layers that were not copied never loads it (a record holds every
+    # handle of the layers: ~75 MiB of objects for a million-entry set).
+
+    @property
+    def record(self) -> Optional[Record]:
+        if not self._loaded:
+            self._load()
+        return self._record
+
+    @property
+    def record_problem(self) -> Optional[str]:
+        if not self._loaded:
+            self._load()
+        return self._record_problem
+
+    def _path(self) -> Optional[str]:
+        """The record's path, if there is a regular file there (else None, and a problem
+        noted when something else is there)."""
         stack = self.ctx.stack
         if stack.work is None:
-            return
+            return None
         path = record_path(stack)
         if not os.path.lexists(path):
-            return
+            return None
         if os.path.islink(path) or not os.path.isfile(path):
-            self.record_problem = f"{path} is not a regular file: not used"
+            self._record_problem = f"{path} is not a regular file: not used"
+            return None
+        return path
+
+    def _load(self) -> None:
+        self._loaded = True
+        path = self._path()
+        if path is None:
             return
         try:
-            self.record = load_record(path)
+            self._record = load_record(path)
         except RecordError as exc:
-            self.record_problem = f"{exc}: not used"
+            self._record_problem = f"{exc}: not used"
             return
         for raw, entry in self.record.entries.items():
             try:
@@ -106,14 +131,26 @@ class Rehandler:
     @property
     def moved(self) -> bool:
         """The record was made for these layers at other paths (copied or moved)."""
-        if self.record is None:
-            return False
-        recorded = self.record.stack or {}
+        if self._loaded:
+            if self._record is None:
+                return False
+            recorded = self._record.stack or {}
+        else:
+            path = self._path()
+            if path is None:
+                return False
+            head = load_record_head(path)
+            if head is None:  # not told by the head alone: the whole record decides
+                return self.record is not None and bool(self.record.stack) and \
+                    self.record.stack != self.ctx.stack.describe()
+            recorded = head
         now = self.ctx.stack.describe()
         return bool(recorded) and recorded != now
 
     def recorded(self, fh: handles.OvlFh):
         """The record's entry for the object `fh` names, or None."""
+        if not self._loaded:
+            self._load()
         return self._by_key.get(fh_key(fh))
 
     def from_record(self, fh: handles.OvlFh, *, upper: bool = False, mode: Optional[int] = None,

@@ -227,3 +227,81 @@ def test_with_real_preflight(ls):
     pf = run_preflight(ls.stack, want_write=True)
     res = record(ls.stack, pf)
     assert res.counts["handles"] == len(load_record(res.path))
+
+
+# --------------------------------------------------------------------------- read on use
+
+
+def test_head_gives_the_stack_without_the_handles(tmp_path, ls):
+    res = record(ls.stack, PF)
+    raw = open(res.path, "rb").read()
+    doc = json.loads(raw)
+    assert rec_mod.load_record_head(res.path) == doc["stack"]
+    # Only the part before the handles is read: a record damaged after it still has a head
+    # (the whole record is then refused when it is loaded).
+    cut = tmp_path / "cut.json"
+    cut.write_bytes(raw[: raw.index(b'\n "handles": [') + 40])
+    assert rec_mod.load_record_head(str(cut)) == doc["stack"]
+    with pytest.raises(OvlfsckError):
+        load_record(str(cut))
+    # Anything else is not told by the head: None (the caller loads the whole record).
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps(doc))
+    assert rec_mod.load_record_head(str(flat)) is None
+    other = dict(doc, format="ovlfsck-record/2")
+    fmt = tmp_path / "fmt.json"
+    fmt.write_text(json.dumps(other, indent=1))
+    assert rec_mod.load_record_head(str(fmt)) is None
+    assert rec_mod.load_record_head(str(tmp_path / "missing.json")) is None
+
+
+def _rehandler(layers, monkeypatch, loads):
+    from ovlfsck import rehandle
+
+    real = rec_mod.load_record  # not rehandle's: a second patch replaces the first
+
+    def counting(path):
+        loads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(rehandle, "load_record", counting)
+    return rehandle.Rehandler(SimpleNamespace(stack=layers.stack), lambda layer: None)
+
+
+def test_layers_not_moved_never_load_the_record(ls, monkeypatch):
+    res = record(ls.stack, PF)
+    loads = []
+    rh = _rehandler(ls, monkeypatch, loads)
+    assert rh.moved is False
+    assert loads == []  # the head told it
+    fh = handles.decode(next(iter(load_record(res.path).entries)))
+    assert rh.recorded(fh) is not None  # a stale handle: now the record is read, once
+    assert rh.recorded(fh) is not None
+    assert len(loads) == 1
+
+
+def test_moved_layers_are_told_by_the_head(tmp_path, ls, monkeypatch):
+    res = record(ls.stack, PF)
+    copy = Layers(tmp_path / "copy")  # the same layers at other paths
+    os.makedirs(os.path.dirname(rec_mod.record_path(copy.stack)))
+    with open(res.path, "rb") as src, open(rec_mod.record_path(copy.stack), "wb") as dst:
+        dst.write(src.read())
+    loads = []
+    rh = _rehandler(copy, monkeypatch, loads)
+    assert rh.moved is True
+    assert loads == []
+    # A record the head cannot tell about: the whole record decides, as before.
+    doc = json.load(open(res.path))
+    with open(rec_mod.record_path(copy.stack), "w") as fh:
+        json.dump(doc, fh)
+    rh = _rehandler(copy, monkeypatch, loads)
+    assert rh.moved is True
+    assert len(loads) == 1
+    # No record, or something else in its place: not moved, nothing loaded.
+    os.unlink(rec_mod.record_path(copy.stack))
+    rh = _rehandler(copy, monkeypatch, loads)
+    assert rh.moved is False and rh.record is None and rh.record_problem is None
+    os.mkdir(rec_mod.record_path(copy.stack))
+    rh = _rehandler(copy, monkeypatch, loads)
+    assert rh.moved is False and "not a regular file" in rh.record_problem
+    assert len(loads) == 1
