@@ -568,6 +568,9 @@ def run(
             for n, visit in enumerate(walker.visits(), 1):
                 for check in per_visit:
                     check(ctx, visit)
+                # Not held while the walker makes the next visit: a wide directory's
+                # listings and chains would otherwise live on beside the next one's.
+                del visit
                 if bar is not None:
                     bar.total = n + walker.pending_dirs
                     bar.update(1)

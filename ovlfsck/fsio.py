@@ -312,6 +312,28 @@ class ReaddirStat:
         return f"ReaddirStat(st_ino={self.st_ino}, st_dev={self.st_dev}, path={self._entry.path!r})"
 
 
+class CompactStat:
+    """The fields of an os.stat_result that the checks compare (type and mode, identity,
+    links, owner, size, device number), for results kept until the end of a run: a
+    stat_result holds ~20 objects (times as floats and ints), this one only what is read."""
+
+    __slots__ = ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
+                 "st_rdev")
+
+    def __init__(self, st: os.stat_result) -> None:
+        self.st_mode = st.st_mode
+        self.st_ino = st.st_ino
+        self.st_dev = st.st_dev
+        self.st_nlink = st.st_nlink
+        self.st_uid = st.st_uid
+        self.st_gid = st.st_gid
+        self.st_size = st.st_size
+        self.st_rdev = st.st_rdev
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"CompactStat(mode={self.st_mode:o}, ino={self.st_ino}, dev={self.st_dev})"
+
+
 class DirPrefix(str):
     """A directory's path with a trailing slash, shared by the Entries of its listing (each
     makes its own path only when asked: most never are)."""
@@ -688,6 +710,13 @@ def main():
         roots = [os.fsencode(r) for r in sys.argv[3:]]
         slash, empty = b"/", b""
     listx, getx, write, fsencode = os.listxattr, os.getxattr, os.write, os.fsencode
+    # xattr names as the parent's Xattrs.read_all makes them (UTF-8, surrogateescape):
+    # interned text when this interpreter decodes them so (marshal keeps them interned and
+    # sends each once per record: the parent keeps the dicts as they arrive); else bytes.
+    if sys.getfilesystemencoding() == "utf-8" and sys.getfilesystemencodeerrors() == "surrogateescape":
+        xkey = sys.intern
+    else:
+        xkey = fsencode
     def order(names):
         # byte order of the names (code point order is that for text without escapes)
         names = list(names)
@@ -762,7 +791,7 @@ def main():
                     ours = [n for n in xs if n.startswith(prefix) and not n.startswith(esc)]
                     if ours:
                         try:
-                            xmap[i] = {fsencode(n[plen:]): getx(p, n, follow_symlinks=False)
+                            xmap[i] = {xkey(n[plen:]): getx(p, n, follow_symlinks=False)
                                        for n in ours}
                         except OSError:
                             unknown.append(i)
@@ -1007,8 +1036,18 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
         enc = _FS_ENCODING
         names = [n.decode(enc, "surrogateescape") for n in names]
     intern = sys.intern
-    xmap = {i: {intern(k.decode("utf-8", "surrogateescape")): v for k, v in x.items()}
-            for i, x in raw_xmap.items()}
+    xmap = raw_xmap
+    for x in raw_xmap.values():
+        for k in x:
+            if type(k) is bytes:  # the child could not decode them as read_all does
+                xmap = {i: {intern(k.decode("utf-8", "surrogateescape")): v
+                            for k, v in x.items()} for i, x in raw_xmap.items()}
+            break
+        break
+    # One str per directory name for all the layers that have it (their Members wait in
+    # the walk's stack: a wide merged directory's would otherwise hold a copy per layer).
+    for i in dirs:
+        names[i] = intern(names[i])
     prefix = DirPrefix(dirpath if dirpath.endswith("/") else dirpath + "/")
     codes = _KIND_CODES
     none = NO_XATTRS

@@ -34,7 +34,7 @@ from typing import Optional
 
 from ovlfsck import handles, rehandle
 from ovlfsck.engine import CheckContext, Finding
-from ovlfsck.fsio import Kind, quoted, same_data, sort_names, special_items
+from ovlfsck.fsio import CompactStat, Kind, quoted, same_data, sort_names, special_items
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import Link, MakeWhiteout, Quarantine, Rename, SetXattr
 from ovlfsck.stack import Layer
@@ -87,7 +87,7 @@ class _Obj:
     """A real object a handle decodes to."""
 
     layer: Layer  # the layer whose filesystem decoded it (for a lower non-dir: any of them)
-    st: os.stat_result
+    st: CompactStat
     path: Optional[str] = None  # only for directories (decoded connected)
 
     @property
@@ -155,7 +155,7 @@ class _Entry:
     rel: str  # "index/<name>"
     path: str
     fh: handles.OvlFh
-    st: os.stat_result
+    st: CompactStat
     kind: str  # 'whiteout' | 'dir' | 'file'
     lower: object = None  # _Obj | _STALE | _UNKNOWN | None (not decoded)
     wanted: bool = False  # its lower aliases are looked for during the walk
@@ -217,7 +217,7 @@ def _build(ctx: CheckContext) -> _State:
                 s = os.lstat(path)
             except OSError:
                 continue
-            e = _Entry(name, f"index/{name}", path, fh, s, _kind(s))
+            e = _Entry(name, f"index/{name}", path, fh, CompactStat(s), _kind(s))
             st.entries[name] = e
         st.nfs = bool(ctx.stack.features.nfs_export) or (
             ctx.stack.features.nfs_export is None
@@ -286,7 +286,7 @@ class _Decoder:
                         return _UNKNOWN
                 except OSError:
                     return _UNKNOWN
-            return _Obj(layer, s, path)
+            return _Obj(layer, CompactStat(s), path)
         finally:
             os.close(fd)
 
@@ -855,7 +855,7 @@ def _relink_ops(ctx: CheckContext, e: _Entry) -> Optional[tuple[tuple, str]]:
     return tuple(ops), rel
 
 
-def _same_content(a: str, sa: os.stat_result, b: str, sb: os.stat_result) -> bool:
+def _same_content(a: str, sa: "os.stat_result | CompactStat", b: str, sb: "os.stat_result | CompactStat") -> bool:
     """Same type, mode, owner and content (data, symlink target or device number)."""
     if (sa.st_mode, sa.st_uid, sa.st_gid) != (sb.st_mode, sb.st_uid, sb.st_gid):
         return False
