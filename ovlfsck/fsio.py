@@ -12,6 +12,7 @@ large layer set) already read them on the other core.
 """
 from __future__ import annotations
 
+import array
 import enum
 import errno
 import fcntl
@@ -160,7 +161,7 @@ class Listing(dict):
         self.special_items: Optional[list[tuple[str, Entry]]] = None  # see special_items()
         self.dirs: Optional[list[str]] = None  # when known: the names of the directories
         # When known and standing in for st_ino (DevInfo.trusted, no mount point among the
-        # entries): the d_ino of each entry in order (None for directories).
+        # entries): the d_ino of each entry in order (0 for directories; an array).
         self.inos: Optional[list] = None
 
 
@@ -181,7 +182,8 @@ class LazyListing(Listing):
 
     def _make(self, name: str, i: int) -> Entry:
         kinds, inos, dev, prefix = self._src  # type: ignore[misc]
-        entry = Entry(name, None, _KIND_CODES[kinds[i]], None, NO_XATTRS, inos[i], dev, prefix)
+        entry = Entry(name, None, _KIND_CODES[kinds[i]], None, NO_XATTRS, inos[i] or None, dev,
+                      prefix)
         dict.__setitem__(self, name, entry)
         return entry
 
@@ -695,7 +697,7 @@ class DevInfo:
 # as a d_type directory); on any error it leaves the
 # entry (or the directory) to the walker, which reads it itself and reports what it must.
 _CHILD = r"""
-import marshal, operator, os, struct, sys
+import array, marshal, operator, os, struct, sys
 def main():
     prefix = sys.argv[1]
     esc = prefix + "overlay."
@@ -717,6 +719,11 @@ def main():
         xkey = sys.intern
     else:
         xkey = fsencode
+    # Short values ("y", "x", nlink's) as one object each: marshal sends a repeat as a
+    # reference, and the parent keeps one object for all the entries that have it.
+    small = {}
+    def share(v):
+        return small.setdefault(v, v) if len(v) < 8 else v
     def order(names):
         # byte order of the names (code point order is that for text without escapes)
         names = list(names)
@@ -776,7 +783,7 @@ def main():
                         k = "l"
                     else:
                         k = "?"
-                    ino = de.inode() if k != "d" else None
+                    ino = de.inode() if k != "d" else 0
                 except OSError:
                     k, ino = "?", 0
                 kinds.append(k)
@@ -791,12 +798,14 @@ def main():
                     ours = [n for n in xs if n.startswith(prefix) and not n.startswith(esc)]
                     if ours:
                         try:
-                            xmap[i] = {xkey(n[plen:]): getx(p, n, follow_symlinks=False)
+                            xmap[i] = {xkey(n[plen:]): share(getx(p, n, follow_symlinks=False))
                                        for n in ours}
                         except OSError:
                             unknown.append(i)
             head = marshal.dumps((li, rel))
-            body = marshal.dumps((names, "".join(kinds), inos, xmap, unknown, dirs))
+            # d_ino as one bytes object (0: a directory, or not known), not an int each
+            body = marshal.dumps((names, "".join(kinds), array.array("Q", inos).tobytes(),
+                                  xmap, unknown, dirs))
             out.append(pack(len(head), len(body)))
             out.append(head)
             out.append(body)
@@ -1031,7 +1040,11 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
              mountpoints: Optional[frozenset]) -> Listing:
     """A child's record -> the Listing `scan` would give (names decoded as os.scandir
     decodes them here; xattr names as Xattrs.read_all decodes them)."""
-    names, kinds, inos, raw_xmap, unknown, dirs = rec
+    names, kinds, raw_inos, raw_xmap, unknown, dirs = rec
+    inos = array.array("Q")
+    inos.frombytes(raw_inos)  # d_ino of each entry, 0 for a directory (or not known)
+    if len(inos) != len(names) or len(kinds) != len(names):
+        raise ValueError("record fields of different lengths")
     if names and type(names[0]) is bytes:  # the child could not decode as we do
         enc = _FS_ENCODING
         names = [n.decode(enc, "surrogateescape") for n in names]
@@ -1069,7 +1082,7 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
                 dict.__setitem__(out, name, _other_kind(name, prefix, inos[i], dev))
                 i = find("?", i + 1)
     else:
-        out = Listing(zip(names, [E(name, None, codes[code], None, none, ino, dev, prefix)
+        out = Listing(zip(names, [E(name, None, codes[code], None, none, ino or None, dev, prefix)
                                   if code != "?" else _other_kind(name, prefix, ino, dev)
                                   for name, code, ino in zip(names, kinds, inos)]))
         special.update(i for i, code in enumerate(kinds) if code == "?")

@@ -82,7 +82,7 @@ def open_by_handle(mount_fd: int, fid_type: int, fid: bytes) -> int:
     return fd
 
 
-@dataclass
+@dataclass(slots=True)
 class _Obj:
     """A real object a handle decodes to."""
 
@@ -149,10 +149,9 @@ class _Alias:
     has_upper: bool = False  # (directories) the merged directory has an upper directory
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     name: str
-    rel: str  # "index/<name>"
     path: str
     fh: handles.OvlFh
     st: CompactStat
@@ -166,6 +165,11 @@ class _Entry:
     @property
     def key(self) -> tuple[int, int]:
         return (self.st.st_dev, self.st.st_ino)
+
+    @property
+    def rel(self) -> str:
+        """Its workdir-relative path, "index/<name>"."""
+        return f"index/{self.name}"
 
 
 class _State:
@@ -217,7 +221,7 @@ def _build(ctx: CheckContext) -> _State:
                 s = os.lstat(path)
             except OSError:
                 continue
-            e = _Entry(name, f"index/{name}", path, fh, CompactStat(s), _kind(s))
+            e = _Entry(name, path, fh, CompactStat(s), _kind(s))
             st.entries[name] = e
         st.nfs = bool(ctx.stack.features.nfs_export) or (
             ctx.stack.features.nfs_export is None

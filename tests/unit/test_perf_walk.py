@@ -478,7 +478,11 @@ def test_names_decode_as_the_parent_decodes_them_under_any_locale(tmp_path):
 
 
 def _record(names, kinds, inos, xmap=None, unknown=(), dirs=()):
-    return (names, kinds, inos, xmap or {}, list(unknown), list(dirs))
+    """A record as the prefetch child sends it (d_ino packed, 0 for None)."""
+    import array
+
+    return (names, kinds, array.array("Q", [i or 0 for i in inos]).tobytes(), xmap or {},
+            list(unknown), list(dirs))
 
 
 @needs_root
@@ -499,7 +503,8 @@ def test_lazy_listing_reads_like_the_eager_one(tmp_path):
     assert shape(a) == shape(eager["a"]) and lazy["a"] is a  # made once, then kept
     assert shape(lazy.get("c")) == shape(eager["c"]) and lazy.get("zz", 5) == 5
     assert list(lazy) == ["a", "b", "c", "d"] and len(lazy) == 4 and "b" in lazy
-    assert (lazy.special, lazy.dirs, lazy.inos) == (["d"], ["b"], [11, None, 13, 14])
+    assert (lazy.special, lazy.dirs, list(lazy.inos)) == (["d"], ["b"], [11, 0, 13, 14])
+    assert lazy["b"].ino is None and eager["b"].ino is None  # a directory's: not known
     other = fsio._entries(rec, str(tmp_path), 7, None)
     assert [shape(e) for e in other.copy().values()] == [shape(e) for e in eager.values()]
     assert type(other.pop("b")) is Entry and other.pop("b", None) is None
