@@ -196,6 +196,9 @@ class CheckContext:
         self._batch: list[Outcome] = []  # fixes reported, their ops not applied yet
         self._batch_ops = 0
         self._pending: dict[str, list] = {}  # host path (normalised) -> its queued ops
+        # Host paths (normalised) that an op of this run changed on disk: an Entry's cached
+        # xattrs of such a path may predate the change.
+        self._landed: set[str] = set()
         self.recheck = False  # this round made a fix (or left a finding) that needs a re-check
 
     # ------------------------------------------------------------------ helpers
@@ -232,8 +235,17 @@ class CheckContext:
         """An entry's overlay xattrs, re-read if a fix of this run touched it."""
         if self.changed and (layer.name, relpath) in self.changed:
             if self._pending:
-                queued = self._pending.get(os.path.normpath(entry.path))
+                host = _norm(entry.path)
+                queued = self._pending.get(host)
                 if queued is not None:
+                    from ovlfsck.repair import Rename
+
+                    cached = entry._xattrs
+                    if cached is not None and host not in self._landed and not any(
+                            isinstance(op, Rename) for op in queued):
+                        # Nothing of this run is on disk there yet: what the entry read
+                        # is what the disk shows; only the queued ops change it.
+                        return self._changed_by(dict(cached), queued)
                     return self._as_queued(entry.path, queued)
             return self.xa.read_all(entry.path)
         x = entry._xattrs  # fsio.Entry's cache: most entries were read (or prefetched) already
@@ -368,7 +380,7 @@ class CheckContext:
         return True
 
     def _before_read(self, path: str) -> None:
-        if self._pending and os.path.normpath(path) in self._pending:
+        if self._pending and _norm(path) in self._pending:
             self.flush()
 
     def land(self, path: str) -> None:
@@ -379,7 +391,7 @@ class CheckContext:
     def _as_queued(self, path: str, ops: list) -> dict[str, bytes]:
         """The xattrs `path` has once its queued ops are applied (what the disk shows now,
         changed as they will change it), without landing the batch."""
-        from ovlfsck.repair import Rename, SetXattr
+        from ovlfsck.repair import Rename
 
         if any(isinstance(op, Rename) for op in ops):
             self.flush()  # the object moves: read what is there once it has
@@ -389,6 +401,12 @@ class CheckContext:
             x = dict(self.xa.read_all(path))
         finally:
             self.xa.before_read = hook
+        return self._changed_by(x, ops)
+
+    def _changed_by(self, x: dict[str, bytes], ops: list) -> dict[str, bytes]:
+        """xattrs `x` (changed in place) as the queued `ops` leave them."""
+        from ovlfsck.repair import SetXattr
+
         prefix = self.xa.prefix
         for op in ops:
             if not op.name.startswith(prefix):
@@ -406,6 +424,7 @@ class CheckContext:
         batch = self._batch
         if not batch:
             return
+        self._landed.update(self._pending)
         self._batch, self._batch_ops, self._pending = [], 0, {}
         self.xa.before_read = None
         ops = [op for o in batch for op in o.finding.ops]
@@ -461,7 +480,8 @@ class CheckContext:
         self._get_journal()
         try:
             for op in finding.ops:
-                self._mark_changed(op)
+                for rel in self._mark_changed(op):
+                    self._landed.add(_host(op.layer, rel))
                 self.journal.apply(op)
         except (OSError, ValueError, OperationalError) as exc:
             msg = f"{finding.layer.name if finding.layer else ''}:{finding.path}: fix failed: {exc}"
@@ -477,7 +497,16 @@ class CheckContext:
 
 
 def _host(layer: Layer, relpath: str) -> str:
-    return os.path.normpath(os.path.join(layer.path, relpath))
+    return _norm(os.path.join(layer.path, relpath))
+
+
+def _norm(path: str) -> str:
+    """os.path.normpath(path), without its cost for a path that is normal already (absolute,
+    no empty, '.' or '..' component, no trailing slash: what the walk makes; a name that
+    starts with a dot just takes the long way)."""
+    if path[:1] == "/" and path[-1:] != "/" and "//" not in path and "/." not in path:
+        return path
+    return os.path.normpath(path)
 
 
 def _flush_quietly(ctx: CheckContext) -> None:

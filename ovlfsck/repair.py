@@ -856,6 +856,7 @@ class Journal:
         results: list[Optional[str]] = [None] * len(planned)
         records = []
         self._ensure_open()
+        at = _now()  # one time for the batch's records (a group commit), not one per op
         with _DirCache(self) as dirs:
             for i, (op, layer, comps, new_comps) in enumerate(planned):
                 try:
@@ -870,7 +871,7 @@ class Journal:
                         fields = _xattr_rec(op, st, _xattr_get(dirfd, name, op.name),
                                             _show(layer.name, op.relpath))
                     rec = {"rec": "op", "seq": 0, "op": _KIND[type(op)], "layer": layer.name,
-                           "path": op.relpath, "at": _now(), **fields}
+                           "path": op.relpath, "at": at, **fields}
                 except (OSError, OperationalError) as exc:
                     results[i] = getattr(exc, "strerror", None) or str(exc)
                     continue
@@ -906,7 +907,11 @@ class Journal:
                                  "error": f"{type(exc).__name__}: {why}"})
                     continue
                 roots.setdefault(layer.path, layer)
-                tail.append({"rec": "done", "seq": rec["seq"], "at": _now()})
+                tail.append({"rec": "done", "seq": rec["seq"], "at": None})
+            done_at = _now()  # every change of the batch was made by then
+            for r in tail:
+                if r["at"] is None:
+                    r["at"] = done_at
             failed = [r for r in tail if r["rec"] == "failed"]
             if failed:
                 self._write_many(failed)

@@ -169,6 +169,33 @@ def test_reads_see_the_queued_value_or_land_the_batch(stack):
     ctx.journal.close()
 
 
+def test_queued_view_from_the_entry_until_a_change_of_the_run_landed(stack, monkeypatch):
+    """An entry whose xattrs were read (e.g. by the read-ahead child) gets its queued view
+    without a read; once a change of this run is on disk there, the disk is read."""
+    from ovlfsck.fsio import lstat_entry
+
+    ctx = make_ctx(stack)
+    path = os.path.join(stack.upper.path, "a")
+    entry = lstat_entry(path)
+    assert entry.xattrs(ctx.xa)["origin"] == b"old-a"  # cached in the entry
+    xattr.set(path, NS + "impure", b"y", nofollow=True)  # the disk says more than the cache
+    reads = []
+    real = ctx.xa.read_all
+    monkeypatch.setattr(ctx.xa, "read_all", lambda p: reads.append(p) or real(p))
+    ctx.fix(finding(stack, "a", b"new-a", batch_ok=True))
+    assert ctx.xattrs_of(stack.upper, "a", entry) == {"origin": b"new-a"}
+    assert reads == [] and entry._xattrs == {"origin": b"old-a"}  # the cache is not changed
+    ctx.flush()
+    ctx.seen.clear()  # as in a later round (the same object may be fixed again)
+    ctx.changed_round = set()
+    ctx.fix(finding(stack, "a", b"newer-a", batch_ok=True))
+    assert ctx._pending
+    assert ctx.xattrs_of(stack.upper, "a", entry) == {"origin": b"newer-a", "impure": b"y"}
+    assert reads == [path]
+    ctx.flush()
+    ctx.journal.close()
+
+
 def test_an_immediate_fix_lands_the_batch_before_it(stack):
     ctx = make_ctx(stack)
     ctx.fix(finding(stack, "a", b"new-a", batch_ok=True))
@@ -297,3 +324,22 @@ def test_a_queued_rename_lands_before_its_target_is_looked_at(stack):
     ctx.land(target)
     assert os.path.exists(target) and not ctx._batch
     ctx.journal.close()
+
+
+def test_norm_is_normpath():
+    """engine._norm skips os.path.normpath only for paths it would leave unchanged."""
+    import itertools
+
+    from ovlfsck.engine import _norm
+
+    parts = ["a", ".", "..", "", ".b", "b.", "...", "/", "c d"]
+    seen = 0
+    for n in range(1, 5):
+        for combo in itertools.product(parts, repeat=n):
+            for lead in ("/", "", "//", "///"):
+                p = lead + "/".join(combo)
+                if p:
+                    assert _norm(p) == os.path.normpath(p), p
+                    seen += 1
+    assert seen > 20000
+    assert _norm("/x/y") == "/x/y" and _norm("/x/./y") == "/x/y" and _norm("/x/.y") == "/x/.y"
