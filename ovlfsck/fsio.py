@@ -1087,8 +1087,15 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
                                   for name, code, ino in zip(names, kinds, inos)]))
         special.update(i for i, code in enumerate(kinds) if code == "?")
     if xmap:
+        setitem, getitem = dict.__setitem__, dict.__getitem__
         for i, x in xmap.items():
-            out[names[i]]._xattrs = x
+            name = names[i]
+            e = getitem(out, name)
+            if type(e) is int:  # made here with its xattrs (not through _make: no lookups)
+                setitem(out, name, E(name, None, codes[kinds[i]], None, x, inos[i] or None, dev,
+                                     prefix))
+            else:
+                e._xattrs = x
     for i in unknown:
         out[names[i]]._xattrs = None  # the child could not read them: read here
     if type(out) is LazyListing and len(special) == len(names):

@@ -136,34 +136,55 @@ class Chains:
     Only the chains that need a lookup (a directory, a whiteout, an entry whose xattrs or
     type are not known to be plain) are built by the walk; a name whose first entry is a
     plain file or symlink (most names) gets its one-member chain when it is asked for, and
-    keeps it. Reads like a dict."""
+    keeps it. The union's order and each name's first listing are worked out only when
+    something asks for them (most directories: nothing does). Reads like a dict."""
 
     __slots__ = ("_ordered", "_built", "_listings", "_owner", "_members")
 
-    def __init__(self, ordered: list[str], built: dict[str, Chain],
+    def __init__(self, ordered: Optional[list[str]], built: dict[str, Chain],
                  listings: list[dict[str, Entry]], owner: Optional[dict[str, int]],
                  members: list[Member]) -> None:
-        self._ordered = ordered
+        self._ordered = ordered  # None: not worked out yet
         self._built = built
         self._listings = listings
-        self._owner = owner  # name -> index of its first listing (None: one listing)
+        # name -> index of its first listing (None: one listing, or not worked out yet)
+        self._owner = owner
         self._members = members
+
+    def _owners(self) -> Optional[dict[str, int]]:
+        owner = self._owner
+        if owner is None and len(self._listings) > 1:
+            owner = {}
+            listings = self._listings
+            for i in range(len(listings) - 1, -1, -1):  # the topmost layer's update wins
+                owner.update(dict.fromkeys(listings[i], i))
+            self._owner = owner
+        return owner
+
+    def _names(self) -> list[str]:
+        ordered = self._ordered
+        if ordered is None:
+            owner = self._owners()
+            # listings are in byte order already
+            ordered = self._ordered = list(self._listings[0]) if owner is None else sort_names(owner)
+        return ordered
 
     def get(self, name: str, default=None):
         chain = self._built.get(name)
         if chain is not None:
             return chain
-        owner = self._owner
-        if owner is None:
-            i = 0 if name in self._listings[0] else None
-        else:
-            i = owner.get(name)
+        listings = self._listings
+        i = None
+        for k, lst in enumerate(listings):
+            if name in lst:
+                i = k
+                break
         if i is None:
             return default
         m = self._members[i]
         prel = m.relpath
         chain = self._built[name] = Chain(
-            name, [Member(m.layer, f"{prel}/{name}" if prel else name, self._listings[i][name])])
+            name, [Member(m.layer, f"{prel}/{name}" if prel else name, listings[i][name])])
         return chain
 
     def __getitem__(self, name: str) -> Chain:
@@ -175,26 +196,25 @@ class Chains:
     def __contains__(self, name: object) -> bool:
         if name in self._built:
             return True
-        if self._owner is None:
-            return name in self._listings[0]
-        return name in self._owner
+        return any(name in lst for lst in self._listings)
 
     def __iter__(self):
-        return iter(self._ordered)
+        return iter(self._names())
 
     def __len__(self) -> int:
-        return len(self._ordered)
+        owner = self._owners()
+        return len(self._listings[0]) if owner is None else len(owner)
 
     def keys(self) -> list[str]:
-        return list(self._ordered)
+        return list(self._names())
 
     def items(self):
         get = self.get
-        return [(name, get(name)) for name in self._ordered]
+        return [(name, get(name)) for name in self._names()]
 
     def values(self):
         get = self.get
-        return [get(name) for name in self._ordered]
+        return [get(name) for name in self._names()]
 
     def built(self):
         """The chains built so far: every one that met a lookup beneath its first entry
@@ -613,9 +633,9 @@ class Walker:
             self.prefetcher = None
 
     def _chains(self, path: str, members: list[Member], listings: list[dict[str, Entry]],
-                straight: bool) -> tuple[list[str], Chains, list[str], list[str]]:
-        """Every name of the union in byte order, its chain, the names whose chain is a
-        directory and those whose chain met a redirect.
+                straight: bool) -> tuple[Chains, list[str], list[str]]:
+        """The chains of the union's names, the names whose chain is a directory and those
+        whose chain met a redirect.
 
         Only names whose first entry may not be plain (a listing's `special` and `dirs`, when
         it knows them; else every name) are looked at here: a directory goes through
@@ -627,35 +647,33 @@ class Walker:
         if len(listings) == 1:
             # One layer directory (most directories): every name's first entry is its own.
             lst = listings[0]
-            ordered = list(lst)  # listings are in byte order already
-            owner = None
             layer = members[0].layer
             prefix = members[0].relpath + "/" if members[0].relpath else ""
             cands = maybe_special(lst)
-            for name in ordered if cands is None else cands:
+            for name in lst if cands is None else cands:
                 entry = lst[name]
                 if not _plain(entry):
                     self._chain(name, entry, layer, prefix, members, listings, path, straight,
                                 built, dirs, redirected)
         else:
-            # name -> the first listing that has it (the topmost layer's update wins)
-            owner = {}
-            for i in range(len(listings) - 1, -1, -1):
-                owner.update(dict.fromkeys(listings[i], i))
-            ordered = sort_names(owner)
-            cands = []
+            # The names that may need a lookup, each with the first listing that has it
+            # (the topmost layer's entry is the name's first).
+            owned: dict[str, int] = {}
             for i, lst in enumerate(listings):
                 names = maybe_special(lst)
-                cands.extend(n for n in (lst if names is None else names) if owner[n] == i)
+                above = listings[:i]
+                for n in (lst if names is None else names):
+                    if n not in owned and not any(n in up for up in above):
+                        owned[n] = i
             prefixes = [(m.layer, m.relpath + "/" if m.relpath else "") for m in members]
-            for name in sort_names(cands):
-                i = owner[name]
+            for name in sort_names(owned):
+                i = owned[name]
                 entry = listings[i][name]
                 if not _plain(entry):
                     layer, prefix = prefixes[i]
                     self._chain(name, entry, layer, prefix, members, listings, path, straight,
                                 built, dirs, redirected)
-        return ordered, Chains(ordered, built, listings, owner, members), dirs, redirected
+        return Chains(None, built, listings, None, members), dirs, redirected
 
     def _chain(self, name: str, entry: Entry, layer: Layer, prefix: str, members: list[Member],
                listings: list[dict[str, Entry]], path: str, straight: bool,
@@ -689,12 +707,12 @@ class Walker:
             self.pending_dirs = len(pending) - 1 + len(self.hidden_roots)
             path, members, straight, hidden = pending.pop()
             listings = [self.listing(m, not hidden and m.relpath == path, hidden) for m in members]
-            ordered, chains, dirs, redirected = self._chains(path, members, listings, straight)
+            chains, dirs, redirected = self._chains(path, members, listings, straight)
             visit = DirVisit(path, members, listings, chains, hidden, straight, redirected)
             yield visit
             del visit
             self._remember_hidden(members, listings, chains)
-            del listings, ordered
+            del listings
             if path.count("/") < MAX_MERGED_DEPTH:
                 for name in reversed(dirs):
                     chain = chains[name]

@@ -549,7 +549,10 @@ def test_the_walk_makes_chains_only_for_names_that_need_a_lookup(tmp_path):
         walker.close()
     chains = visits["d"].chains
     assert isinstance(chains, Chains)
+    # The walk did not need the union's order nor each name's first layer: not made.
+    assert chains._ordered is None and chains._owner is None
     assert sorted(c.name for c in chains.built()) == ["gone", "sub"]  # none for f0..f19 yet
+    assert len(chains) == 22 and chains._owner is not None and chains._ordered is None
     assert list(chains) == sorted(["gone", "sub"] + [f"f{i}" for i in range(20)])
     c = chains["f3"]
     assert [m.key for m in c.members] == [("upper", "d/f3")] and chains["f3"] is c
