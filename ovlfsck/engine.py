@@ -592,10 +592,13 @@ def run(
         ctx.features = None
         ctx._round_state = {}
         per_visit = [p.check for p in PASSES if hasattr(p, "check")]
+        # A quiet visit (walk.DirVisit.quiet) goes only to the passes that may have work there.
+        per_quiet = [p.check for p in PASSES
+                     if hasattr(p, "check") and not getattr(p, "QUIET_SKIP", False)]
         bar = _progress_bar(progress, round_no)
         try:
             for n, visit in enumerate(walker.visits(), 1):
-                for check in per_visit:
+                for check in per_quiet if visit.quiet else per_visit:
                     check(ctx, visit)
                 # Not held while the walker makes the next visit: a wide directory's
                 # listings and chains would otherwise live on beside the next one's.

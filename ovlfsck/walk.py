@@ -232,6 +232,22 @@ class Chains:
         return f"Chains({dict(self.items())!r})"
 
 
+def _quiet(path: str, members: list[Member], listings: list, hidden: bool, straight: bool,
+           redirected: Optional[list[str]]) -> bool:
+    """A directory below the root, not hidden, reached without a redirect, of lower layers
+    only, whose every listing knows its special entries and has none, and whose every layer
+    directory is known to have no overlay xattrs."""
+    if not path or hidden or not straight or redirected or not members or members[0].layer.is_upper:
+        return False
+    for m, lst in zip(members, listings):
+        if getattr(lst, "special", None) != []:
+            return False
+        x = m.entry._xattrs
+        if x is None or x:
+            return False
+    return True
+
+
 @dataclass
 class DirVisit:
     """One merged directory, with the listing of each contributing layer directory."""
@@ -244,6 +260,10 @@ class DirVisit:
     straight: bool = True  # no redirect on the way here
     # The names (in order) whose chain met a redirect; None: not known, look at every chain.
     redirected: Optional[list[str]] = None
+    # Nothing here but plain entries of lower layers, known so (see _quiet): the passes
+    # that look only at special entries, directories' xattrs, redirects or the upper layer
+    # (QUIET_SKIP in their module) have nothing to do.
+    quiet: bool = False
 
     def member_index(self, layer: Layer) -> Optional[int]:
         for i, m in enumerate(self.members):
@@ -708,7 +728,8 @@ class Walker:
             path, members, straight, hidden = pending.pop()
             listings = [self.listing(m, not hidden and m.relpath == path, hidden) for m in members]
             chains, dirs, redirected = self._chains(path, members, listings, straight)
-            visit = DirVisit(path, members, listings, chains, hidden, straight, redirected)
+            visit = DirVisit(path, members, listings, chains, hidden, straight, redirected,
+                             _quiet(path, members, listings, hidden, straight, redirected))
             yield visit
             del visit
             self._remember_hidden(members, listings, chains)

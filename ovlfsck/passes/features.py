@@ -114,6 +114,11 @@ def _report(ctx: CheckContext) -> FeatureReport:
     return rep
 
 
+# walk.DirVisit.quiet: nothing for this pass (it looks at directories' xattrs and special
+# entries only).
+QUIET_SKIP = True
+
+
 def check(ctx: CheckContext, visit: DirVisit) -> None:
     rep = _report(ctx)
     xa = ctx.xa

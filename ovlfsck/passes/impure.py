@@ -9,6 +9,10 @@ from ovlfsck.repair import SetXattr
 from ovlfsck.walk import DirVisit, join, validate_redirect
 
 
+# walk.DirVisit.quiet: nothing for this pass (it looks at upper directories only).
+QUIET_SKIP = True
+
+
 def check(ctx: CheckContext, visit: DirVisit) -> None:
     if not visit.members or not visit.members[0].layer.is_upper:
         return

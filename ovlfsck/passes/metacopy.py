@@ -494,6 +494,11 @@ def _state(ctx: CheckContext) -> _State:
 # --------------------------------------------------------------------------- the pass
 
 
+# walk.DirVisit.quiet: nothing for this pass (it looks at special entries (and the upper
+# root) only).
+QUIET_SKIP = True
+
+
 def check(ctx: CheckContext, visit: DirVisit) -> None:
     st = _state(ctx)
     xa = ctx.xa

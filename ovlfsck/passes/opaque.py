@@ -12,6 +12,11 @@ _REG = Kind.REG
 _GONE = Kind.GONE
 
 
+# walk.DirVisit.quiet: nothing for this pass (it looks at directories' xattrs and special
+# entries only).
+QUIET_SKIP = True
+
+
 def check(ctx: CheckContext, visit: DirVisit) -> None:
     xa = ctx.xa
     for member, listing in zip(visit.members, visit.listings):

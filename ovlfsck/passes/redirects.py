@@ -25,6 +25,11 @@ _PROBLEM_CODES = {
 }
 
 
+# walk.DirVisit.quiet: nothing for this pass (it looks at directories' redirect xattrs and at
+# chains that met a redirect only).
+QUIET_SKIP = True
+
+
 def check(ctx: CheckContext, visit: DirVisit) -> None:
     for member in visit.members:
         if member.relpath and ctx.walker.is_lowermost(member.layer) and "redirect" in member.entry.xattrs(ctx.xa):

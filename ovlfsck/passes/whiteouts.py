@@ -11,6 +11,10 @@ _DIR = Kind.DIR
 _LNK = Kind.LNK
 
 
+# walk.DirVisit.quiet: nothing for this pass (whiteouts are special entries).
+QUIET_SKIP = True
+
+
 def check(ctx: CheckContext, visit: DirVisit) -> None:
     xa = ctx.xa
     walker = ctx.walker

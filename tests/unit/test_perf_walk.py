@@ -562,3 +562,60 @@ def test_the_walk_makes_chains_only_for_names_that_need_a_lookup(tmp_path):
     one = visits["only"].chains  # one layer directory
     assert list(one.built()) == [] and len(one) == 6
     assert [m.key for m in one["ln"].members] == [("lower:0", "only/ln")]
+
+
+# --------------------------------------------------------------------------- quiet visits
+
+
+@needs_root
+def test_quiet_visits_go_only_to_the_passes_that_may_have_work(tmp_path, monkeypatch):
+    """A directory of lower layers only, with nothing special in it and no xattrs of its
+    own (known from the read-ahead child's records), is quiet; the engine gives it only to
+    the passes without QUIET_SKIP (index: a plain lower file can be a hardlink alias)."""
+    from ovlfsck import engine
+    from ovlfsck.engine import Mode, Policy
+    from ovlfsck.passes import PASSES
+    from ovlfsck.stack import build_stack
+
+    lower0, lower1, upper, work = (tmp_path / n for n in ("l0", "l1", "u", "w"))
+    for d in ("plain", "merged", "xdir", "withx", "up", "plain2"):
+        (lower1 / d).mkdir(parents=True)
+        (lower1 / d / "f").write_text("x")
+    (lower0 / "merged").mkdir(parents=True)
+    (lower0 / "merged" / "g").write_text("y")
+    (lower0 / "withx").mkdir()
+    (lower0 / "withx" / "h").write_text("z")
+    xattr.set(str(lower0 / "withx" / "h"), "trusted.overlay.metacopy", b"", nofollow=True)
+    (lower0 / "xdir").mkdir()
+    xattr.set(str(lower0 / "xdir"), "trusted.overlay.opaque", b"y", nofollow=True)
+    (upper / "up").mkdir(parents=True)
+    (work / "work").mkdir(parents=True)
+    stack = build_stack(lowers=[str(lower0), str(lower1)], upper=str(upper), work=str(work))
+
+    seen: dict[str, list[str]] = {}
+    for p in PASSES:
+        if hasattr(p, "check"):
+            def spy(ctx, visit, _real=p.check, _name=p.__name__.rsplit(".", 1)[-1]):
+                seen.setdefault((visit.path, visit.hidden), []).append(_name)
+                return _real(ctx, visit)
+            monkeypatch.setattr(p, "check", spy)
+    monkeypatch.setenv("OVLFSCK_PREFETCH", "1")
+    quiet: dict[str, bool] = {}
+    real_visits = Walker.visits
+
+    def visits(self):
+        for v in real_visits(self):
+            quiet[(v.path, v.hidden)] = v.quiet
+            yield v
+
+    monkeypatch.setattr(Walker, "visits", visits)
+    engine.run(stack, Policy(Mode.NO), None)
+    # xdir: opaque in l0 (its own xattrs), and l1's below it is walked as a hidden root
+    assert quiet == {("", False): False, ("merged", False): True, ("plain", False): True,
+                     ("plain2", False): True, ("up", False): False, ("withx", False): False,
+                     ("xdir", False): False, ("xdir", True): False}
+    every = [p.__name__.rsplit(".", 1)[-1] for p in PASSES if hasattr(p, "check")]
+    kept = [n for n in every if not getattr(sys.modules[f"ovlfsck.passes.{n}"], "QUIET_SKIP", False)]
+    assert kept == ["index"]
+    for path, q in quiet.items():
+        assert seen[path] == (kept if q else every), path
