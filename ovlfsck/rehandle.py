@@ -75,6 +75,7 @@ class Rehandler:
         self._record: Optional[Record] = None
         self._record_problem: Optional[str] = None
         self._loaded = False
+        self._moved: Optional[bool] = None
         self._by_key: dict[tuple, object] = {}
         self._learned: dict[tuple, NewHandle] = {}
         self._layers = {lay.name: lay for lay in ctx.stack.all_layers}
@@ -130,7 +131,14 @@ class Rehandler:
 
     @property
     def moved(self) -> bool:
-        """The record was made for these layers at other paths (copied or moved)."""
+        """The record was made for these layers at other paths (copied or moved). Asked once
+        per index entry: worked out once (from the record's head while the record is not
+        loaded)."""
+        if self._moved is None:
+            self._moved = self._is_moved()
+        return self._moved
+
+    def _is_moved(self) -> bool:
         if self._loaded:
             if self._record is None:
                 return False
@@ -141,8 +149,8 @@ class Rehandler:
                 return False
             head = load_record_head(path)
             if head is None:  # not told by the head alone: the whole record decides
-                return self.record is not None and bool(self.record.stack) and \
-                    self.record.stack != self.ctx.stack.describe()
+                self._load()
+                return self._is_moved()
             recorded = head
         now = self.ctx.stack.describe()
         return bool(recorded) and recorded != now
