@@ -215,6 +215,12 @@ def test_load_rejects_other_versions_and_damage(tmp_path, ls):
         with pytest.raises(OvlfsckError, match="unsupported record format") as ei:
             load_record(str(p))
         assert ei.value.exit_code == ExitCode.OPERATIONAL
+    doc["format"] = FORMAT
+    for bad in ({"x": 1}, ["x"], [{"handle": "00", "kinds": [1]}], [{"handle": "zz"}]):
+        p = tmp_path / "bad.json"
+        p.write_text(json.dumps(dict(doc, handles=bad)))
+        with pytest.raises(OvlfsckError, match="damaged"):
+            load_record(str(p))
     p = tmp_path / "trunc.json"
     p.write_bytes(open(res.path, "rb").read()[:100])
     with pytest.raises(OvlfsckError, match="not a valid"):
