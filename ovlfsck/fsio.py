@@ -162,7 +162,7 @@ class Listing(dict):
         self.dirs: Optional[list[str]] = None  # when known: the names of the directories
         # When known and standing in for st_ino (DevInfo.trusted, no mount point among the
         # entries): the d_ino of each entry in order (0 for directories; an array).
-        self.inos: Optional[list] = None
+        self.inos: Optional[array.array] = None
 
 
 _UNSET = object()
@@ -182,8 +182,7 @@ class LazyListing(Listing):
 
     def _make(self, name: str, i: int) -> Entry:
         kinds, inos, dev, prefix = self._src  # type: ignore[misc]
-        entry = Entry(name, None, _KIND_CODES[kinds[i]], None, NO_XATTRS, inos[i] or None, dev,
-                      prefix)
+        entry = _record_entry(name, kinds[i], inos[i], dev, prefix)
         dict.__setitem__(self, name, entry)
         return entry
 
@@ -1023,6 +1022,13 @@ class Prefetcher:
 _FS_ENCODING = sys.getfilesystemencoding()
 
 
+def _record_entry(name: str, code: str, ino: int, dev: Optional[int], prefix: "DirPrefix",
+                  xattrs: Optional[Mapping[str, bytes]] = NO_XATTRS) -> Entry:
+    """The Entry of a record's entry whose type d_type told (`code` f, d or l; d_ino 0: not
+    known)."""
+    return Entry(name, None, _KIND_CODES[code], None, xattrs, ino or None, dev, prefix)
+
+
 def _other_kind(name: str, prefix: "DirPrefix", ino: Optional[int], dev: Optional[int]) -> Entry:
     """The Entry of a record's entry whose type d_type did not tell (lstat'ed here)."""
     st = None
@@ -1050,21 +1056,16 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
         names = [n.decode(enc, "surrogateescape") for n in names]
     intern = sys.intern
     xmap = raw_xmap
-    for x in raw_xmap.values():
-        for k in x:
-            if type(k) is bytes:  # the child could not decode them as read_all does
-                xmap = {i: {intern(k.decode("utf-8", "surrogateescape")): v
-                            for k, v in x.items()} for i, x in raw_xmap.items()}
-            break
-        break
+    first = next(iter(raw_xmap.values()), None)
+    if first and type(next(iter(first))) is bytes:
+        # the child could not decode xattr names as Xattrs.read_all does: decoded here
+        xmap = {i: {intern(k.decode("utf-8", "surrogateescape")): v for k, v in x.items()}
+                for i, x in raw_xmap.items()}
     # One str per directory name for all the layers that have it (their Members wait in
     # the walk's stack: a wide merged directory's would otherwise hold a copy per layer).
     for i in dirs:
         names[i] = intern(names[i])
     prefix = DirPrefix(dirpath if dirpath.endswith("/") else dirpath + "/")
-    codes = _KIND_CODES
-    none = NO_XATTRS
-    E = Entry
     special = set(xmap)
     special.update(unknown)
     if not mountpoints:
@@ -1082,8 +1083,8 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
                 dict.__setitem__(out, name, _other_kind(name, prefix, inos[i], dev))
                 i = find("?", i + 1)
     else:
-        out = Listing(zip(names, [E(name, None, codes[code], None, none, ino or None, dev, prefix)
-                                  if code != "?" else _other_kind(name, prefix, ino, dev)
+        out = Listing(zip(names, [_record_entry(name, code, ino, dev, prefix) if code != "?"
+                                  else _other_kind(name, prefix, ino, dev)
                                   for name, code, ino in zip(names, kinds, inos)]))
         special.update(i for i, code in enumerate(kinds) if code == "?")
     if xmap:
@@ -1092,8 +1093,7 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
             name = names[i]
             e = getitem(out, name)
             if type(e) is int:  # made here with its xattrs (not through _make: no lookups)
-                setitem(out, name, E(name, None, codes[kinds[i]], None, x, inos[i] or None, dev,
-                                     prefix))
+                setitem(out, name, _record_entry(name, kinds[i], inos[i], dev, prefix, x))
             else:
                 e._xattrs = x
     for i in unknown:

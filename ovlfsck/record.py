@@ -439,6 +439,7 @@ def record(stack: Stack, preflight, path: Optional[str] = None) -> RecordResult:
         "namespace": preflight.namespace,
         "uuids": {name: (u.hex() if u is not None else None) for name, u in rec.uuids.items()},
         "counts": _counts(rec.entries),
+        # last: load_record_head reads the part before it
         "handles": [e.to_json() for e in ordered],
     }
     write_atomic(out, json.dumps(doc, indent=1, sort_keys=False).encode() + b"\n")

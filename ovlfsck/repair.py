@@ -882,7 +882,8 @@ class Journal:
                 return results
             self._write_many([rec for _i, rec in records])
             self._sync()  # the write-ahead barrier: every record before any change
-            tail = []
+            failed: list[dict] = []
+            done: list[int] = []  # seq of each op made
             roots: dict[str, Layer] = {}
             for i, rec in records:
                 op, layer, comps, new_comps = planned[i]
@@ -903,21 +904,17 @@ class Journal:
                 except (OSError, OperationalError) as exc:
                     why = getattr(exc, "strerror", None) or str(exc)
                     results[i] = why
-                    tail.append({"rec": "failed", "seq": rec["seq"], "at": _now(),
-                                 "error": f"{type(exc).__name__}: {why}"})
+                    failed.append({"rec": "failed", "seq": rec["seq"], "at": _now(),
+                                   "error": f"{type(exc).__name__}: {why}"})
                     continue
                 roots.setdefault(layer.path, layer)
-                tail.append({"rec": "done", "seq": rec["seq"], "at": None})
-            done_at = _now()  # every change of the batch was made by then
-            for r in tail:
-                if r["at"] is None:
-                    r["at"] = done_at
-            failed = [r for r in tail if r["rec"] == "failed"]
+                done.append(rec["seq"])
             if failed:
                 self._write_many(failed)
             # The done records wait for the end of the run (close: one syncfs per touched
             # filesystem, then all of them): until then undo inspects these operations.
-            self._undone.extend(r for r in tail if r["rec"] == "done")
+            done_at = _now()  # every change of the batch was made by then
+            self._undone.extend({"rec": "done", "seq": seq, "at": done_at} for seq in done)
             for path, layer in roots.items():
                 self._unsynced.setdefault(path, layer)
         return results

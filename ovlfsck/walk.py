@@ -139,34 +139,22 @@ class Chains:
     keeps it. The union's order and each name's first listing are worked out only when
     something asks for them (most directories: nothing does). Reads like a dict."""
 
-    __slots__ = ("_ordered", "_built", "_listings", "_owner", "_members")
+    __slots__ = ("_ordered", "_built", "_listings", "_members")
 
-    def __init__(self, ordered: Optional[list[str]], built: dict[str, Chain],
-                 listings: list[dict[str, Entry]], owner: Optional[dict[str, int]],
+    def __init__(self, built: dict[str, Chain], listings: list[dict[str, Entry]],
                  members: list[Member]) -> None:
-        self._ordered = ordered  # None: not worked out yet
+        self._ordered: Optional[list[str]] = None  # the union in byte order, once asked for
         self._built = built
         self._listings = listings
-        # name -> index of its first listing (None: one listing, or not worked out yet)
-        self._owner = owner
         self._members = members
-
-    def _owners(self) -> Optional[dict[str, int]]:
-        owner = self._owner
-        if owner is None and len(self._listings) > 1:
-            owner = {}
-            listings = self._listings
-            for i in range(len(listings) - 1, -1, -1):  # the topmost layer's update wins
-                owner.update(dict.fromkeys(listings[i], i))
-            self._owner = owner
-        return owner
 
     def _names(self) -> list[str]:
         ordered = self._ordered
         if ordered is None:
-            owner = self._owners()
-            # listings are in byte order already
-            ordered = self._ordered = list(self._listings[0]) if owner is None else sort_names(owner)
+            listings = self._listings
+            # a listing is in byte order already
+            ordered = self._ordered = (list(listings[0]) if len(listings) == 1
+                                       else sort_names(set().union(*listings)))
         return ordered
 
     def get(self, name: str, default=None):
@@ -202,8 +190,7 @@ class Chains:
         return iter(self._names())
 
     def __len__(self) -> int:
-        owner = self._owners()
-        return len(self._listings[0]) if owner is None else len(owner)
+        return len(self._names())
 
     def keys(self) -> list[str]:
         return list(self._names())
@@ -693,7 +680,7 @@ class Walker:
                     layer, prefix = prefixes[i]
                     self._chain(name, entry, layer, prefix, members, listings, path, straight,
                                 built, dirs, redirected)
-        return Chains(None, built, listings, None, members), dirs, redirected
+        return Chains(built, listings, members), dirs, redirected
 
     def _chain(self, name: str, entry: Entry, layer: Layer, prefix: str, members: list[Member],
                listings: list[dict[str, Entry]], path: str, straight: bool,

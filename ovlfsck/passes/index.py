@@ -859,7 +859,8 @@ def _relink_ops(ctx: CheckContext, e: _Entry) -> Optional[tuple[tuple, str]]:
     return tuple(ops), rel
 
 
-def _same_content(a: str, sa: "os.stat_result | CompactStat", b: str, sb: "os.stat_result | CompactStat") -> bool:
+def _same_content(a: str, sa: "os.stat_result | CompactStat", b: str,
+                  sb: "os.stat_result | CompactStat") -> bool:
     """Same type, mode, owner and content (data, symlink target or device number)."""
     if (sa.st_mode, sa.st_uid, sa.st_gid) != (sb.st_mode, sb.st_uid, sb.st_gid):
         return False

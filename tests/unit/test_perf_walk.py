@@ -495,6 +495,10 @@ def test_lazy_listing_reads_like_the_eager_one(tmp_path):
     assert [type(v) for v in dict.values(lazy)] == [int, int, int, Entry]
     eager = fsio._entries(rec, str(tmp_path), 7, frozenset({"/nowhere"}))
     assert type(eager) is Listing
+    # xattr names as Xattrs.read_all gives them, whether the child sent bytes or text
+    text = fsio._entries(_record(["a", "b", "c", "d"], "fdlf", [11, None, 13, 14],
+                                 {3: {"origin": b"x"}}, dirs=[1]), str(tmp_path), 7, None)
+    assert lazy["d"]._xattrs == eager["d"]._xattrs == text["d"]._xattrs == {"origin": b"x"}
 
     def shape(e):
         return (e.name, e.path, e.kind, e.ino, e.dev, dict(e.xattrs(Xattrs("trusted"))))
@@ -549,16 +553,29 @@ def test_the_walk_makes_chains_only_for_names_that_need_a_lookup(tmp_path):
         walker.close()
     chains = visits["d"].chains
     assert isinstance(chains, Chains)
-    # The walk did not need the union's order nor each name's first layer: not made.
-    assert chains._ordered is None and chains._owner is None
+    # The walk did not need the union's order: not made.
+    assert chains._ordered is None
     assert sorted(c.name for c in chains.built()) == ["gone", "sub"]  # none for f0..f19 yet
-    assert len(chains) == 22 and chains._owner is not None and chains._ordered is None
+    assert len(chains) == 22 and chains._ordered is not None
     assert list(chains) == sorted(["gone", "sub"] + [f"f{i}" for i in range(20)])
     c = chains["f3"]
     assert [m.key for m in c.members] == [("upper", "d/f3")] and chains["f3"] is c
     assert chains["gone"].whiteout is not None and chains["sub"].is_dir
     assert "nope" not in chains and chains.get("nope") is None
     assert chains == dict(chains.items()) and chains != {}
+    # The union in byte order (the walk's order), not code point order: U+E000 is
+    # b"\xee\x80\x80", the escaped byte b"\xf0" sorts after it.
+    for root in (lower, upper):
+        (root / "d" / "\ue000").write_text("x")
+    hi = os.fsdecode(b"\xf0")
+    (lower / "d" / hi).write_text("x")
+    walker = Walker(stack, Xattrs("trusted"), lambda *a: None)
+    walker.prefetcher = Prefetcher.start(walker.layers, walker.xa)
+    try:
+        names = list({v.path: v for v in walker.visits()}["d"].chains)
+    finally:
+        walker.close()
+    assert names.index("\ue000") < names.index(hi) and names == fsio.sort_names(names)
     one = visits["only"].chains  # one layer directory
     assert list(one.built()) == [] and len(one) == 6
     assert [m.key for m in one["ln"].members] == [("lower:0", "only/ln")]
