@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
+from ovlfsck import readahead
 from ovlfsck.fsio import (
     NO_XATTRS, DevInfo, Entry, Kind, Prefetcher, Xattrs, lstat_entry, maybe_special, quoted,
     scan_sorted, sort_names,
@@ -317,6 +318,7 @@ class Walker:
         # The walk gives the same result with or without it. OVLFSCK_PREFETCH=0 turns it
         # off, =1 starts it at once.
         self.prefetcher: Optional[Prefetcher] = None
+        self.readahead = None  # the readahead child, started with the prefetch child
         self._prefetch_after: Optional[int] = None
         if prefetch:
             env = os.environ.get("OVLFSCK_PREFETCH", "")
@@ -340,6 +342,8 @@ class Walker:
                 self._listed >= self._prefetch_after or self._big_roots()):
             self._prefetch_after = None
             pf = self.prefetcher = Prefetcher.start(self.layers, self.xa)
+            # On a cold page cache, ext4 metadata read ahead in large reads (readahead.py).
+            self.readahead = readahead.start([lay.path for lay in self.layers])
         if pf is not None:
             got = pf.listing(member.layer, member.relpath, entry.path, dev, devinfo.mountpoints,
                              wait, keep)
@@ -638,6 +642,8 @@ class Walker:
         if self.prefetcher is not None:
             self.prefetcher.close()
             self.prefetcher = None
+        proc, self.readahead = self.readahead, None
+        readahead.stop(proc)
 
     def _chains(self, path: str, members: list[Member], listings: list[dict[str, Entry]],
                 straight: bool) -> tuple[Chains, list[str], list[str]]:
