@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+from ovlfsck.readahead import block_device
+
 OVL_FH_VERSION = 0
 OVL_FH_MAGIC = 0xFB
 FLAG_BIG_ENDIAN = 0x01
@@ -248,22 +250,6 @@ def format_uuid(uuid: bytes) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}" if len(uuid) == 16 else h
 
 
-def _block_device_of(st_dev: int) -> Optional[str]:
-    """The device node of a block-device-backed filesystem (from /sys/dev/block)."""
-    major, minor = os.major(st_dev), os.minor(st_dev)
-    try:
-        with open(f"/sys/dev/block/{major}:{minor}/uevent") as fh:
-            for line in fh:
-                if line.startswith("DEVNAME="):
-                    node = "/dev/" + line.split("=", 1)[1].strip()
-                    st = os.stat(node)
-                    if stat.S_ISBLK(st.st_mode) and st.st_rdev == st_dev:
-                        return node
-    except OSError:
-        return None
-    return None
-
-
 def fallback_uuid(path: str, by_uuid_dir: str = BY_UUID_DIR, blkid: Optional[str] = "blkid") -> Optional[bytes]:
     """The filesystem uuid without FS_IOC_GETFSUUID: the /dev/disk/by-uuid symlink whose
     device is the st_dev of `path`, else `blkid -p` on that device. None for filesystems
@@ -287,7 +273,7 @@ def fallback_uuid(path: str, by_uuid_dir: str = BY_UUID_DIR, blkid: Optional[str
                 return uuid
     if not blkid:
         return None
-    node = _block_device_of(dev)
+    node = block_device(dev)
     exe = shutil.which(blkid)
     if node is None or exe is None:
         return None

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import array
 import os
+import stat
 import struct
 import sys
+from typing import Optional
 
 # superblock feature bits (fs/ext4/ext4.h)
 INCOMPAT_META_BG, INCOMPAT_64BIT, INCOMPAT_FLEX_BG = 0x10, 0x80, 0x200
@@ -53,14 +55,21 @@ _BLOCKS = struct.Struct("<12I")  # block-mapped: the 12 direct block numbers (40
 _ACL_LO, _ACL_HI = struct.Struct("<I"), struct.Struct("<H")  # i_file_acl (104, 118)
 
 
-def block_device(dev: int) -> str:
-    """/dev/NAME of the block device with this number (OSError if there is none: the file
-    system is not on a block device)."""
-    with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/uevent") as fh:
-        for line in fh:
-            if line.startswith("DEVNAME="):
-                return "/dev/" + line.strip().split("=", 1)[1]
-    raise OSError(f"no block device {os.major(dev)}:{os.minor(dev)}")
+def block_device(dev: int) -> Optional[str]:
+    """The device node (/dev/NAME) of the block device with this number, checked to be that
+    device; None if there is none (the file system is not on a block device). Also used by
+    handles.py: this module may import only the standard library."""
+    try:
+        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/uevent") as fh:
+            for line in fh:
+                if line.startswith("DEVNAME="):
+                    node = "/dev/" + line.split("=", 1)[1].strip()
+                    st = os.stat(node)
+                    if stat.S_ISBLK(st.st_mode) and st.st_rdev == dev:
+                        return node
+    except OSError:
+        return None
+    return None
 
 
 def _has_super(group: int, sparse: bool) -> bool:
@@ -282,7 +291,10 @@ def mem_budget() -> int:
 def warm(dev: int, root_inos: list[int], budget: int, force: bool = False) -> dict:
     """Read the metadata of the ext4 file system on block device `dev` (the groups of
     `root_inos` first) into the page cache. Returns what it did, for tests and -v."""
-    fd = os.open(block_device(dev), os.O_RDONLY | os.O_CLOEXEC)
+    node = block_device(dev)
+    if node is None:
+        raise OSError(f"no block device {os.major(dev)}:{os.minor(dev)}")
+    fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fs = Ext4(fd)
         groups = {(ino - 1) // fs.inodes_per_group for ino in root_inos if 0 < ino <= fs.inodes_count}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -80,6 +81,6 @@ def test_the_child_reads_nothing_on_xfs(make_fs):
     st = os.lstat(fs.path("d"))
     with pytest.raises(ValueError):
         readahead.warm(st.st_dev, [st.st_ino], 1 << 30)
-    p = subprocess.run([readahead.sys.executable, "-I", "-S", readahead.__file__, str(fs.path("d"))],
+    p = subprocess.run([sys.executable, "-I", "-S", readahead.__file__, str(fs.path("d"))],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stderr == ""

@@ -7,6 +7,7 @@ test_readahead_kernel.py.
 
 from __future__ import annotations
 
+import array
 import os
 import re
 import shutil
@@ -51,7 +52,7 @@ def _found(image) -> tuple[readahead.Ext4, list[tuple[int, int]]]:
     fd = os.open(image, os.O_RDONLY)
     try:
         fs = readahead.Ext4(fd)
-        found = readahead.array.array("Q")
+        found = array.array("Q")
         for _g, off, length in fs.inode_tables():
             readahead.metadata_blocks(fs, os.pread(fd, length, off), found)
         return fs, readahead.coalesce([(found[i], found[i + 1]) for i in range(0, len(found), 2)])
@@ -187,3 +188,12 @@ def test_the_walk_starts_and_reaps_the_child(tmp_path, monkeypatch):
     monkeypatch.setattr(readahead, "start", real)
     monkeypatch.setenv("OVLFSCK_READAHEAD", "0")
     assert readahead.start([str(tmp_path)]) is None
+
+
+def test_block_device_is_none_off_block_devices():
+    # /proc has an anonymous device number: no /sys/dev/block entry, no node
+    assert readahead.block_device(os.stat("/proc").st_dev) is None
+    root = os.stat("/").st_dev
+    node = readahead.block_device(root)
+    if node is not None:  # the root fs is on a block device here: its node, checked
+        assert os.stat(node).st_rdev == root
