@@ -597,7 +597,11 @@ def run(
                      if hasattr(p, "check") and not getattr(p, "QUIET_SKIP", False)]
         bar = _progress_bar(progress, round_no)
         try:
-            for n, visit in enumerate(walker.visits(), 1):
+            n = 0
+            # Not enumerate(): it keeps its last (n, visit) tuple for reuse, so the visit
+            # would live on while the walker makes the next one.
+            for visit in walker.visits():
+                n += 1
                 for check in per_quiet if visit.quiet else per_visit:
                     check(ctx, visit)
                 # Not held while the walker makes the next visit: a wide directory's

@@ -204,6 +204,10 @@ class Chains:
         get = self.get
         return [get(name) for name in self._names()]
 
+    def built_map(self) -> dict[str, Chain]:
+        """{name: Chain} of the chains built so far (see `built`)."""
+        return self._built
+
     def built(self):
         """The chains built so far: every one that met a lookup beneath its first entry
         (redirects, directories, whiteouts) is among them."""
@@ -234,6 +238,26 @@ def _quiet(path: str, members: list[Member], listings: list, hidden: bool, strai
         if x is None or x:
             return False
     return True
+
+
+class Claim:
+    """A directory whose redirect reached a lower directory: its layer and relpath, the
+    merged path the redirect gave, and its origin xattr as read then (or None)."""
+
+    __slots__ = ("layer", "relpath", "merged", "origin")
+
+    def __init__(self, layer: Layer, relpath: str, merged: str, origin: Optional[bytes]) -> None:
+        self.layer = layer
+        self.relpath = relpath
+        self.merged = merged
+        self.origin = origin
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (layer_name(self.layer), self.relpath)
+
+    def __repr__(self) -> str:
+        return f"Claim({layer_name(self.layer)}:{self.relpath!r} as {self.merged!r})"
 
 
 @dataclass
@@ -307,9 +331,13 @@ class Walker:
         self.layers = stack.namespace_layers
         self.lowermost_depth = self.layers[-1].depth
         self.on_error = on_error
-        # (layer name, relpath) of lower directories reached through a redirect -> claimants
-        self.claims: dict[tuple[str, str], list[tuple[Member, str]]] = {}
-        self.hidden_roots: list[Member] = []
+        # (layer name, relpath) of lower directories reached through a redirect -> its
+        # claimants: a Claim, or a list of them when there are several. Kept to the end of
+        # the walk, so compact: no Member or Entry of the owner.
+        self.claims: dict[tuple[str, str], "Claim | list[Claim]"] = {}
+        # (layer, relpath) of lower directories hidden in the merged view, for the hidden
+        # walk (their entries are looked up again then: kept to the end of the main walk).
+        self.hidden_roots: list[tuple[Layer, str]] = []
         self.visited_hidden: set[tuple[str, str]] = set()
         self.pending_dirs = 0  # merged directories known but not visited yet (for progress)
         self.devinfo = DevInfo([lay.path for lay in self.layers])
@@ -530,7 +558,7 @@ class Walker:
                 pending.target = member
                 pending = None
             if register and via_redirect and owner is not None:
-                self.claims.setdefault(member.key, []).append((owner, join(merged_path, name)))
+                self._claim(member.key, owner, join(merged_path, name))
             if layer.depth == lowermost_depth:
                 break
             xattrs = entry._xattrs
@@ -584,6 +612,26 @@ class Walker:
             pending.detail = f"no directory {quoted(os.fsdecode(pending.value))} in the layers beneath"
         return chain
 
+    def _claim(self, key: tuple[str, str], owner: Member, merged: str) -> None:
+        x = owner.entry._xattrs
+        if x is None:  # not so: its redirect was read from them
+            x = owner.entry.xattrs(self.xa)
+        claim = Claim(owner.layer, owner.relpath, merged, x.get("origin"))
+        prev = self.claims.get(key)
+        if prev is None:
+            self.claims[key] = claim
+        elif type(prev) is list:
+            prev.append(claim)
+        else:
+            self.claims[key] = [prev, claim]
+
+    def claimants(self, key: tuple[str, str]) -> list["Claim"]:
+        """The claims on the lower directory `key`, in the order they were made."""
+        got = self.claims.get(key)
+        if got is None:
+            return []
+        return got if type(got) is list else [got]
+
     def lookup_merged(self, comps: list[str], top: Optional[Layer] = None) -> Chain:
         """Look up a whole path in the merged view (of the sub-stack from `top` down),
         component by component, with the kernel's rules (redirects of every directory on
@@ -623,15 +671,21 @@ class Walker:
             # sub-stack that starts at its layer, unless a redirect already took it in.
             while self.hidden_roots:
                 roots, self.hidden_roots = self.hidden_roots, []
-                roots.sort(key=lambda m: (m.layer.depth, m.relpath.encode("utf-8", "surrogateescape")))
-                for m in roots:
-                    if m.key in self.claims or m.key in self.visited_hidden:
+                roots.sort(key=lambda r: (r[0].depth, r[1].encode("utf-8", "surrogateescape")))
+                for layer, rel in roots:
+                    key = (layer_name(layer), rel)
+                    if key in self.claims or key in self.visited_hidden:
                         continue
-                    self.visited_hidden.add(m.key)
+                    self.visited_hidden.add(key)
                     # Its chain in the sub-stack that starts at its own layer.
-                    chain = self.lookup_merged(m.relpath.split("/"), m.layer)
-                    members = chain.members if chain.members and chain.members[0].key == m.key else [m]
-                    yield from self._walk([(m.relpath, members, True, True)])
+                    chain = self.lookup_merged(rel.split("/"), layer)
+                    if chain.members and chain.members[0].key == key:
+                        members = chain.members
+                    else:
+                        path = os.path.join(layer.path, rel)
+                        entry = lstat_entry(path) or Entry(os.path.basename(path), path, _DIR)
+                        members = [Member(layer, rel, entry)]
+                    yield from self._walk([(rel, members, True, True)])
         finally:
             self.close()
 
@@ -726,16 +780,19 @@ class Walker:
             yield visit
             del visit
             self._remember_hidden(members, listings, chains)
-            del listings
+            # The directories' chains are all built: the listings (and the entries that are
+            # not directories) go before the children's are kept.
+            built = chains.built_map()
+            del listings, chains
             if path.count("/") < MAX_MERGED_DEPTH:
                 for name in reversed(dirs):
-                    chain = chains[name]
+                    chain = built[name]
                     cm = chain.members
                     if not (hidden and cm[0].key in claims):
                         pending.append((join(path, name), cm, straight and chain.straight, hidden))
             # Only the children's members stay (in `pending`): the listings and chains of
             # this directory are freed before the next one is listed.
-            del chains, dirs, redirected
+            del built, dirs, redirected
 
     def _remember_hidden(self, members: list[Member], listings: list[dict[str, Entry]],
                          chains: "Chains | dict[str, Chain]") -> None:
@@ -747,10 +804,10 @@ class Walker:
                 continue
             dirnames = getattr(lst, "dirs", None)
             if dirnames is not None:
-                subdirs = [(name, lst[name]) for name in dirnames]
+                subdirs = ((name, lst[name]) for name in dirnames)
             else:
-                subdirs = [(name, entry) for name, entry in lst.items()
-                           if entry.kind is _DIR or (entry.kind is None and entry.is_dir)]
+                subdirs = ((name, entry) for name, entry in lst.items()
+                           if entry.kind is _DIR or (entry.kind is None and entry.is_dir))
             for name, entry in subdirs:
                 chain = chains.get(name)
                 if chain is not None and any(m.entry is entry for m in chain.members):
@@ -762,4 +819,4 @@ class Walker:
                 rel = join(member.relpath, name)
                 if redirected and (layer_name(member.layer), rel) in redirected:
                     continue
-                self.hidden_roots.append(Member(member.layer, rel, entry))
+                self.hidden_roots.append((member.layer, rel))

@@ -15,7 +15,7 @@ from ovlfsck.fsio import quoted
 from ovlfsck.fsio import Entry
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import MakeDir, MakeWhiteout, RemoveXattr, SetXattr
-from ovlfsck.walk import Chain, DirVisit, Member, RedirectEvent, parent_of
+from ovlfsck.walk import Chain, Claim, DirVisit, Member, RedirectEvent, parent_of
 
 _PROBLEM_CODES = {
     "malformed": "OVL301",
@@ -150,7 +150,11 @@ def _missing_parents(ctx: CheckContext, member: Member, comps: list[str]):
 
 def _origin_matches(ctx: CheckContext, entry: Entry, target: Member) -> Optional[bool]:
     """Does `entry`'s origin encode `target`? None if it cannot be told."""
-    raw = entry.xattrs(ctx.xa).get("origin")
+    return _raw_origin_matches(ctx, entry.xattrs(ctx.xa).get("origin"), target)
+
+
+def _raw_origin_matches(ctx: CheckContext, raw: Optional[bytes], target: Member) -> Optional[bool]:
+    """Does the origin xattr value `raw` encode `target`? None if it cannot be told."""
     if not raw:
         return False
     try:
@@ -195,16 +199,16 @@ def _resolve_still_merged(ctx, member: Member, target: Member, cover: str, own: 
 
 def finish(ctx: CheckContext) -> None:
     for key in sorted(ctx.walker.claims, key=lambda k: (k[0], os.fsencode(k[1]))):
-        claimants: dict[tuple[str, str], tuple[Member, str]] = {}
-        for owner, path in ctx.walker.claims[key]:
-            claimants.setdefault(owner.key, (owner, path))
+        claimants: dict[tuple[str, str], Claim] = {}
+        for claim in ctx.walker.claimants(key):
+            claimants.setdefault(claim.key, claim)
         if len(claimants) < 2:
             continue
-        owners = sorted(claimants.values(), key=lambda c: os.fsencode(c[1]))
+        owners = [(c, c.merged) for c in sorted(claimants.values(), key=lambda c: os.fsencode(c.merged))]
         target_layer = ctx.stack.layer_by_name(key[0])
         target_path = os.path.join(target_layer.path, key[1]) if key[1] else target_layer.path
         target = Member(target_layer, key[1], Entry(os.path.basename(target_path), target_path, None))
-        matches = [(_origin_matches(ctx, o.entry, target), o, p) for o, p in owners]
+        matches = [(_raw_origin_matches(ctx, o.origin, target), o, p) for o, p in owners]
         good = [t for t in matches if t[0]]
         names = ", ".join(quoted(p) for _, p in owners)
         both = "both" if len(owners) == 2 else "all"

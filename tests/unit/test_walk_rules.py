@@ -289,6 +289,33 @@ xattr x1 redirect=/b
     assert r.check("-n")[0] == 0
 
 
+def test_duplicate_decided_by_the_claimants_origin(run):
+    # Two redirects claim lower:0's b; only x1's origin encodes b: x2's redirect goes, and
+    # preen may do it (the claim keeps x1's origin from when the walk read it).
+    spec = """
+[lower:0]
+dir b
+file b/g text=g
+[upper]
+xattr . impure=y
+whiteout b
+dir x1
+xattr x1 redirect=/b
+xattr x1 origin=@lower:0:b
+dir x2
+xattr x2 redirect=b
+"""
+    r = run(spec)
+    code, doc = r.check("-n")
+    assert code == 4 and r.codes(doc) == [("OVL307", "upper", "x2")]
+    assert "the origin handle of" in doc["problems"][0]["message"]
+    code, doc = r.check("-p")
+    assert code == 1
+    assert b"trusted.overlay.redirect" in xattr.list(r.path("upper", "x1"))
+    assert b"trusted.overlay.redirect" not in xattr.list(r.path("upper", "x2"))
+    assert r.check("-n")[0] == 0
+
+
 def test_redirect_in_lowermost_needs_repair_lowers(run):
     r = run("[lower:0]\nfile f text=f\n[lower:1]\ndir r\nxattr r redirect=/x\n")
     code, doc = r.check("-y")
