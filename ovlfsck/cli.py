@@ -14,7 +14,7 @@ import functools
 
 import typer
 
-from ovlfsck import __version__
+from ovlfsck import __version__, memtune
 from ovlfsck.errors import Cancelled, ExitCode, OvlfsckError, UsageError
 from ovlfsck.problems import CATALOG, Severity, explain as explain_problem, lookup, markdown
 
@@ -413,6 +413,7 @@ def invoke(app_obj, argv: List[str], prog: str) -> int:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    memtune.tune()
     # `check` is the default job: `ovlfsck -n -o ...` means `ovlfsck check -n -o ...`.
     if args and args[0] not in COMMANDS and args[0] not in ("-h", "--help", "-V", "--version"):
         args.insert(0, "check")

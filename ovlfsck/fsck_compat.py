@@ -123,6 +123,9 @@ def parse_argv(argv: List[str]):
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    from ovlfsck import memtune
+
+    memtune.tune()
     sys.exit(run(list(sys.argv[1:] if argv is None else argv)))
 
 

@@ -366,9 +366,9 @@ def maybe_special(listing: dict[str, Entry]) -> Optional[list[str]]:
     dirs = getattr(listing, "dirs", None)
     if special is None or dirs is None:
         return None
-    if not dirs:
+    if not dirs or len(special) == len(listing):
         return special
-    if not special:
+    if not special or len(dirs) == len(listing):
         return dirs
     return sort_names(set(special).union(dirs))
 
@@ -943,6 +943,9 @@ class Prefetcher:
     def __init__(self, proc, layers) -> None:
         self.proc = proc
         self.fd = proc.stdout.fileno()
+        # Set by the walk while it lists one merged directory's layer directories: their
+        # directory names share one str (see _entries).
+        self.names: Optional[dict[str, str]] = None
         os.set_blocking(self.fd, False)
         self.index = {id(layer): i for i, layer in enumerate(layers)}
         self.layers = list(layers)
@@ -1092,7 +1095,7 @@ class Prefetcher:
             del buf[key]
             self.buffered -= len(rec)
         try:
-            out = _entries(marshal.loads(rec), dirpath, dev, mountpoints)
+            out = _entries(marshal.loads(rec), dirpath, dev, mountpoints, self.names)
         except (ValueError, TypeError, EOFError, AttributeError, IndexError, KeyError):
             self._broken()
             self.missed += 1
@@ -1131,9 +1134,10 @@ def _other_kind(name: str, prefix: "DirPrefix", ino: Optional[int], dev: Optiona
 
 
 def _entries(rec: tuple, dirpath: str, dev: Optional[int],
-             mountpoints: Optional[frozenset]) -> Listing:
+             mountpoints: Optional[frozenset], seen: Optional[dict] = None) -> Listing:
     """A child's record -> the Listing `scan` would give (names decoded as os.scandir
-    decodes them here; xattr names as Xattrs.read_all decodes them)."""
+    decodes them here; xattr names as Xattrs.read_all decodes them). `seen`: {name: name}
+    shared by the listings of one merged directory (Prefetcher.names)."""
     names, kinds, raw_inos, raw_xmap, unknown, dirs = rec
     inos = array.array("Q")
     inos.frombytes(raw_inos)  # d_ino of each entry, 0 for a directory (or not known)
@@ -1154,8 +1158,11 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
         xmap = {i: pack(x) for i, x in raw_xmap.items()}
     # One str per directory name for all the layers that have it (their Members wait in
     # the walk's stack: a wide merged directory's would otherwise hold a copy per layer).
-    for i in dirs:
-        names[i] = intern(names[i])
+    # Not sys.intern: the interpreter's table would grow to the widest directory for good.
+    if seen is not None:
+        for i in dirs:
+            n = names[i]
+            names[i] = seen.setdefault(n, n)
     prefix = DirPrefix(dirpath if dirpath.endswith("/") else dirpath + "/")
     special = set(xmap)
     special.update(unknown)
@@ -1199,9 +1206,11 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
                 stand_in = False
     if stand_in:
         out.inos = inos
-    out.special = [names[i] for i in sorted(special)]
-    out.dirs = [names[i] for i in dirs]
+    # Every name special, or every one a directory (a wide root's): the names list itself.
+    out.special = names if len(special) == len(names) else [names[i] for i in sorted(special)]
+    out.dirs = names if len(dirs) == len(names) else [names[i] for i in dirs]
     return out
+
 
 
 # --------------------------------------------------------------------------- messages

@@ -29,7 +29,7 @@ import errno
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from ovlfsck import handles, rehandle
@@ -152,15 +152,17 @@ class _Alias:
 @dataclass(slots=True)
 class _Entry:
     name: str
-    path: str
+    dir: str  # the index directory's path (one str for all entries)
     fh: handles.OvlFh
     st: CompactStat
     kind: str  # 'whiteout' | 'dir' | 'file'
     lower: object = None  # _Obj | _STALE | _UNKNOWN | None (not decoded)
     wanted: bool = False  # its lower aliases are looked for during the walk
-    aliases: list[str] = field(default_factory=list)  # upper relpaths, same inode
-    claims: list[str] = field(default_factory=list)  # upper relpaths whose origin is the name
-    visible: list[_Alias] = field(default_factory=list)  # lower aliases visible in the merged view
+    # Each a list once it has an item; until then a shared empty tuple (an index keeps one
+    # entry per indexed object until the end of the walk: three empty lists each, else).
+    aliases: "list[str] | tuple" = ()  # upper relpaths, same inode
+    claims: "list[str] | tuple" = ()  # upper relpaths whose origin is the name
+    visible: "list[_Alias] | tuple" = ()  # lower aliases visible in the merged view
 
     @property
     def key(self) -> tuple[int, int]:
@@ -170,6 +172,18 @@ class _Entry:
     def rel(self) -> str:
         """Its workdir-relative path, "index/<name>"."""
         return f"index/{self.name}"
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.dir, self.name)
+
+
+def _add(e: _Entry, field_name: str, item) -> None:
+    got = getattr(e, field_name)
+    if got:
+        got.append(item)
+    else:
+        setattr(e, field_name, [item])
 
 
 class _State:
@@ -221,7 +235,7 @@ def _build(ctx: CheckContext) -> _State:
                 s = os.lstat(path)
             except OSError:
                 continue
-            e = _Entry(name, path, fh, CompactStat(s), _kind(s))
+            e = _Entry(name, index_dir, fh, CompactStat(s), _kind(s))
             st.entries[name] = e
         st.nfs = bool(ctx.stack.features.nfs_export) or (
             ctx.stack.features.nfs_export is None
@@ -371,9 +385,9 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
             except OSError:
                 continue
             if e.kind == "file" and (s.st_dev, s.st_ino) == e.key:
-                e.aliases.append(rel)
+                _add(e, "aliases", rel)
             else:
-                e.claims.append(rel)
+                _add(e, "claims", rel)
     if st.lower_files:
         wanted = st.lower_files
         inos = st.lower_inos
@@ -394,7 +408,7 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
             except OSError:
                 continue
             for e in wanted.get((s.st_dev, s.st_ino), ()):
-                e.visible.append(_Alias(join(visit.path, name), f"{m.layer.name}:{m.relpath}", upper_rel))
+                _add(e, "visible", _Alias(join(visit.path, name), f"{m.layer.name}:{m.relpath}", upper_rel))
     if st.lower_dirs and visit.path:
         # The object the kernel looks the index up by: the top lower directory.
         lower = next((m for m in members if not m.layer.is_upper), None)
@@ -405,7 +419,7 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
                 return
             for e in st.lower_dirs.get((s.st_dev, s.st_ino), ()):
                 parent = visit.path.rpartition("/")[0]
-                e.visible.append(_Alias(visit.path, f"{lower.layer.name}:{lower.relpath}",
+                _add(e, "visible", _Alias(visit.path, f"{lower.layer.name}:{lower.relpath}",
                                         _upper_dir_of(ctx, parent), has_upper=has_upper))
 
 

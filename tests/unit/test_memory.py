@@ -135,3 +135,147 @@ def test_hidden_roots_and_claims_keep_no_entries(tmp_path):
     assert (claim.layer, claim.relpath, claim.merged, claim.origin) == (
         layers[0], "new", "new", b"\x00\xfb\x06\x01\x00")
     assert w.claimants(("lower:0", "gone")) == []
+
+
+_RSS_SCRIPT = r"""
+import sys
+from ovlfsck import memtune
+
+if sys.argv[1] == "tune":
+    assert memtune.tune()
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
+
+big = bytearray(8 << 20)  # mmapped; freeing it raises glibc's threshold to 8 MiB (untuned)
+del big
+base = rss_kib()
+blocks = [bytearray(1 << 20) for _ in range(8)]  # a wide directory's tables, say
+del blocks
+print(rss_kib() - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_large_blocks_go_back_to_the_system_when_freed():
+    import subprocess
+    import sys
+
+    from ovlfsck import memtune
+
+    if not memtune.tune():
+        pytest.skip("not glibc: no mmap threshold to set")
+    env = {**os.environ, "OVLFSCK_MALLOC_TUNE": "1"}
+    kept = {}
+    for how in ("tune", "plain"):
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, how], capture_output=True,
+                             text=True, env=env, check=True)
+        kept[how] = int(out.stdout)
+    # Untuned, the 8 MiB freed stay in the heap; tuned, they were unmapped.
+    assert kept["plain"] > 6 * 1024, kept
+    assert kept["tune"] < 2 * 1024, kept
+
+
+def test_the_commands_tune_malloc_and_the_switch_turns_it_off(monkeypatch):
+    from ovlfsck import cli, fsck_compat, memtune
+
+    calls = []
+    monkeypatch.setattr(memtune, "tune", lambda: calls.append(1) or True)
+    for main in (cli.main, fsck_compat.main):
+        with pytest.raises(SystemExit):
+            main(["--version"] if main is cli.main else ["-V"])
+    assert len(calls) == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("OVLFSCK_MALLOC_TUNE", "0")
+    assert memtune.tune() is False
+
+
+def _visit_shapes(layers, monkeypatch, width: int) -> list:
+    from ovlfsck.fsio import Prefetcher, Xattrs
+
+    monkeypatch.setattr(walk, "PACK_WIDTH", width)
+
+    class _Stack:
+        namespace_layers = layers
+
+    w = walk.Walker(_Stack(), Xattrs("trusted"), lambda *a: None)
+    w.prefetcher = Prefetcher.start(w.layers, w.xa)
+    out = []
+    try:
+        for v in w.visits():
+            out.append((v.path, v.straight, v.hidden, [
+                (m.key, m.via_redirect, type(m.entry).__name__, m.entry.name, m.entry.path,
+                 m.entry.kind, None if m.entry._xattrs is None else dict(m.entry._xattrs),
+                 m.entry.ino, m.entry.dev, m.entry._stat is None) for m in v.members]))
+    finally:
+        w.close()
+    return out
+
+
+@needs_root
+def test_packed_subdirectories_are_visited_as_unpacked_ones(tmp_path, monkeypatch):
+    """A wide directory's waiting subdirectories are packed (walk._Frame): packed or not,
+    the walk gives the same visits, members and entries."""
+    from ovlfsck.stack import Layer, Role
+
+    upper, lower0, lower1 = tmp_path / "upper", tmp_path / "lower0", tmp_path / "lower1"
+    for root in (upper, lower0, lower1):
+        (root / "top" / "a").mkdir(parents=True)
+    for d in ("b", "c", "e"):
+        (lower1 / "top" / d / "in").mkdir(parents=True)
+    (lower0 / "top" / "b").mkdir()
+    (upper / "top" / "c").mkdir()
+    xattr.set(str(upper / "top" / "c"), "trusted.overlay.origin", b"\x00\xfb\x06\x01\x00")
+    (upper / "top" / "moved").mkdir()  # a redirect: not packed
+    xattr.set(str(upper / "top" / "moved"), "trusted.overlay.redirect", b"e")
+    os.mknod(upper / "top" / "e", 0o20600, os.makedev(0, 0))
+    (lower1 / "top" / "gone").mkdir()  # hidden by an opaque upper dir
+    (upper / "top" / "gone").mkdir()
+    xattr.set(str(upper / "top" / "gone"), "trusted.overlay.opaque", b"y")
+    layers = [Layer(Role.UPPER, 0, str(upper), 0), Layer(Role.LOWER, 0, str(lower0), 1),
+              Layer(Role.LOWER, 1, str(lower1), 2)]
+    packed = _visit_shapes(layers, monkeypatch, 0)
+    plain = _visit_shapes(layers, monkeypatch, 10 ** 9)
+    assert packed == plain
+    paths = [p for p, *_ in plain]
+    assert {"top/a", "top/b", "top/c", "top/moved", "top/moved/in", "top/gone"} <= set(paths)
+
+
+def test_pack_refuses_what_unpack_would_not_make_again():
+    from ovlfsck.fsio import NO_XATTRS, DirPrefix, Entry, Kind
+    from ovlfsck.stack import Layer, Role
+
+    up, lo = Layer(Role.UPPER, 0, "/u", 0), Layer(Role.LOWER, 0, "/l", 1)
+    parents = [walk.Member(up, "p", Entry("p", "/u/p", Kind.DIR)),
+               walk.Member(lo, "p", Entry("p", "/l/p", Kind.DIR))]
+    pu, pl = DirPrefix("/u/p/"), DirPrefix("/l/p/")
+
+    def members(**over):
+        x = over.pop("x", PackedXattrs.of({"origin": b"o"}))
+        eu = Entry("n", None, Kind.DIR, None, x, None, 5, pu)
+        el = Entry("n", None, Kind.DIR, None, NO_XATTRS, None, 6, pl)
+        for k, v in over.items():
+            setattr(el, k, v)
+        return [walk.Member(up, "p/n", eu), walk.Member(lo, "p/n", el)]
+
+    frame = walk._Frame("p", parents, False)
+    cm = members()
+    got = frame.pack("n", cm, True)
+    assert type(got) is walk._Packed
+    path, out, straight, hidden = got.unpack()
+    def shape(m):
+        e = m.entry
+        return (m.layer, m.relpath, m.via_redirect, type(e), e.name, e._path, e.kind, e._stat,
+                e._xattrs, e.ino, e.dev)
+
+    assert (path, straight, hidden) == ("p/n", True, False)
+    assert [shape(m) for m in out] == [shape(m) for m in cm]
+    assert [m.entry._xattrs for m in out] == [cm[0].entry._xattrs, NO_XATTRS]
+    for over in ({"_stat": os.lstat("/")}, {"ino": 7}, {"kind": Kind.REG}, {"name": "m"},
+                 {"dev": 9}, {"_path": DirPrefix("/l/q/")}):
+        assert frame.pack("n", members(**over), True) is None, over
+    redirected = members()
+    redirected[1].via_redirect = True
+    assert frame.pack("n", redirected, True) is None
+    assert frame.pack("n", members()[::-1], True) is None  # not in the parents' order

@@ -523,12 +523,26 @@ def test_lazy_listing_reads_like_the_eager_one(tmp_path):
     assert all(isinstance(v, Entry) for v in dict.values(lazy))
 
 
+def _check_lazy_chains(chains) -> None:
+    from ovlfsck.walk import Chains
+
+    assert isinstance(chains, Chains)
+    # The walk did not need the union's order: not made.
+    assert chains._ordered is None
+    assert sorted(c.name for c in chains.built()) == ["gone", "sub"]  # none for f0..f19 yet
+    assert len(chains) == 22 and chains._ordered is not None
+    assert list(chains) == sorted(["gone", "sub"] + [f"f{i}" for i in range(20)])
+    c = chains["f3"]
+    assert [m.key for m in c.members] == [("upper", "d/f3")] and chains["f3"] is c
+    assert chains["gone"].whiteout is not None and chains["sub"].is_dir
+    assert "nope" not in chains and chains.get("nope") is None
+    assert chains == dict(chains.items()) and chains != {}
+
+
 @needs_root
 def test_the_walk_makes_chains_only_for_names_that_need_a_lookup(tmp_path):
     """Plain files and symlinks of a prefetched listing get their chain (and Entry) on use;
     what the passes see is the same (test_check_reports_the_same_... covers the report)."""
-    from ovlfsck.walk import Chains
-
     lower, upper = tmp_path / "lower", tmp_path / "upper"
     for root in (lower, upper):
         (root / "d").mkdir(parents=True)
@@ -547,22 +561,22 @@ def test_the_walk_makes_chains_only_for_names_that_need_a_lookup(tmp_path):
                   upper=Layer(Role.UPPER, 0, str(upper), 0))
     walker = Walker(stack, Xattrs("trusted"), lambda *a: None)
     walker.prefetcher = Prefetcher.start(walker.layers, walker.xa)
+    checked = []
     try:
-        visits = {v.path: v for v in walker.visits()}
+        # A visit is looked at while it is the current one (when the walk resumes, its
+        # subdirectories' chains go to the walk's stack).
+        for v in walker.visits():
+            if v.path == "d":
+                _check_lazy_chains(v.chains)
+                checked.append("d")
+            elif v.path == "only":
+                one = v.chains  # one layer directory
+                assert list(one.built()) == [] and len(one) == 6
+                assert [m.key for m in one["ln"].members] == [("lower:0", "only/ln")]
+                checked.append("only")
     finally:
         walker.close()
-    chains = visits["d"].chains
-    assert isinstance(chains, Chains)
-    # The walk did not need the union's order: not made.
-    assert chains._ordered is None
-    assert sorted(c.name for c in chains.built()) == ["gone", "sub"]  # none for f0..f19 yet
-    assert len(chains) == 22 and chains._ordered is not None
-    assert list(chains) == sorted(["gone", "sub"] + [f"f{i}" for i in range(20)])
-    c = chains["f3"]
-    assert [m.key for m in c.members] == [("upper", "d/f3")] and chains["f3"] is c
-    assert chains["gone"].whiteout is not None and chains["sub"].is_dir
-    assert "nope" not in chains and chains.get("nope") is None
-    assert chains == dict(chains.items()) and chains != {}
+    assert checked == ["d", "only"]
     # The union in byte order (the walk's order), not code point order: U+E000 is
     # b"\xee\x80\x80", the escaped byte b"\xf0" sorts after it.
     for root in (lower, upper):
@@ -576,9 +590,6 @@ def test_the_walk_makes_chains_only_for_names_that_need_a_lookup(tmp_path):
     finally:
         walker.close()
     assert names.index("\ue000") < names.index(hi) and names == fsio.sort_names(names)
-    one = visits["only"].chains  # one layer directory
-    assert list(one.built()) == [] and len(one) == 6
-    assert [m.key for m in one["ln"].members] == [("lower:0", "only/ln")]
 
 
 # --------------------------------------------------------------------------- quiet visits
