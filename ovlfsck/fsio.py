@@ -793,11 +793,21 @@ def main():
     # file-system encoding and error handler in argv[2]): the decoding is done here, on the
     # core that has time for it. Otherwise bytes, which the parent decodes itself.
     if sys.argv[2] == sys.getfilesystemencoding() + ":" + sys.getfilesystemencodeerrors():
-        roots = sys.argv[3:]
+        roots = sys.argv[4:]
         slash, empty = "/", ""
     else:
-        roots = [os.fsencode(r) for r in sys.argv[3:]]
+        roots = [os.fsencode(r) for r in sys.argv[4:]]
         slash, empty = b"/", b""
+    # argv[3] "all": every layer from its root, in the walk's pre-order. "starts": the
+    # directories on stdin ([(layer index, relpath)], marshal), one after another in that
+    # order, each in pre-order with the layers beneath its own; a record's head then also
+    # says which start it is of.
+    if sys.argv[3] == "starts":
+        starts = marshal.loads(sys.stdin.buffer.read())
+        plan = [(k, rel if slash == "/" else os.fsencode(rel), range(li, len(roots)))
+                for k, (li, rel) in enumerate(starts)]
+    else:
+        plan = [(None, empty, range(len(roots)))]
     listx, getx, write, fsencode = os.listxattr, os.getxattr, os.write, os.fsencode
     # xattr names as the parent's Xattrs.read_all makes them (UTF-8, surrogateescape):
     # interned text when this interpreter decodes them so (marshal keeps them interned and
@@ -831,80 +841,81 @@ def main():
         data = memoryview(b"".join(parts))
         while data:  # a write can be short (a stop and continue of the process group)
             data = data[write(1, data):]
-    # (relpath, the layers in which it is a directory: their parent's listing said so
-    # without following a symlink)
-    stack = [(empty, range(len(roots)))]
-    while stack:
-        rel, layers = stack.pop()
-        subdirs = {}
-        for li in layers:
-            root = roots[li]
-            path = root + slash + rel if rel else root
-            # The directory as the working directory: every listxattr below resolves one
-            # name, not the whole path again (one chdir per directory).
-            try:
-                os.chdir(path)
-                with os.scandir(here) as it:
-                    des = list(it)
-            except OSError:
-                continue
-            des.sort(key=getname)
-            names = [de.name for de in des]
-            if slash == "/" and not all(map(str.isascii, names)):
-                des.sort(key=bytename)  # byte order
-                names = [de.name for de in des]
-            kinds = []
-            inos = []
-            xmap = {}
-            unknown = []
-            dirs = []
-            for i, de in enumerate(des):
+    for sk, start, below in plan:
+        # (relpath, the layers in which it is a directory: their parent's listing said so
+        # without following a symlink)
+        stack = [(start, below)]
+        while stack:
+            rel, layers = stack.pop()
+            subdirs = {}
+            for li in layers:
+                root = roots[li]
+                path = root + slash + rel if rel else root
+                # The directory as the working directory: every listxattr below resolves one
+                # name, not the whole path again (one chdir per directory).
                 try:
-                    if de.is_file(follow_symlinks=False):
-                        k = "f"
-                    elif de.is_dir(follow_symlinks=False):
-                        k = "d"
-                        subdirs.setdefault(names[i], []).append(li)
-                        dirs.append(i)
-                    elif de.is_symlink():
-                        k = "l"
-                    else:
-                        k = "?"
-                    ino = de.inode() if k != "d" else 0
+                    os.chdir(path)
+                    with os.scandir(here) as it:
+                        des = list(it)
                 except OSError:
-                    k, ino = "?", 0
-                kinds.append(k)
-                inos.append(ino)
-                p = de.name
-                try:
-                    xs = listx(p, follow_symlinks=False)
-                except OSError:
-                    unknown.append(i)
                     continue
-                if xs:
-                    ours = [n for n in xs if n.startswith(prefix) and not n.startswith(esc)]
-                    if ours:
-                        try:
-                            xmap[i] = {xkey(n[plen:]): share(getx(p, n, follow_symlinks=False))
-                                       for n in ours}
-                        except OSError:
-                            unknown.append(i)
-            head = marshal.dumps((li, rel))
-            # d_ino as one bytes object (0: a directory, or not known), not an int each
-            body = marshal.dumps((names, "".join(kinds), array.array("Q", inos).tobytes(),
-                                  xmap, unknown, dirs))
-            out.append(pack(len(head), len(body)))
-            out.append(head)
-            out.append(body)
-            size += len(head) + len(body) + 8
-            if size >= 32768:
-                send(out)
-                out.clear()
-                size = 0
-        if rel.count(slash) >= 2047:
-            continue
-        base = rel + slash if rel else empty
-        stack.extend((base + n, subdirs[n]) for n in reversed(order(subdirs)))
+                des.sort(key=getname)
+                names = [de.name for de in des]
+                if slash == "/" and not all(map(str.isascii, names)):
+                    des.sort(key=bytename)  # byte order
+                    names = [de.name for de in des]
+                kinds = []
+                inos = []
+                xmap = {}
+                unknown = []
+                dirs = []
+                for i, de in enumerate(des):
+                    try:
+                        if de.is_file(follow_symlinks=False):
+                            k = "f"
+                        elif de.is_dir(follow_symlinks=False):
+                            k = "d"
+                            subdirs.setdefault(names[i], []).append(li)
+                            dirs.append(i)
+                        elif de.is_symlink():
+                            k = "l"
+                        else:
+                            k = "?"
+                        ino = de.inode() if k != "d" else 0
+                    except OSError:
+                        k, ino = "?", 0
+                    kinds.append(k)
+                    inos.append(ino)
+                    p = de.name
+                    try:
+                        xs = listx(p, follow_symlinks=False)
+                    except OSError:
+                        unknown.append(i)
+                        continue
+                    if xs:
+                        ours = [n for n in xs if n.startswith(prefix) and not n.startswith(esc)]
+                        if ours:
+                            try:
+                                xmap[i] = {xkey(n[plen:]): share(getx(p, n, follow_symlinks=False))
+                                           for n in ours}
+                            except OSError:
+                                unknown.append(i)
+                head = marshal.dumps((li, rel) if sk is None else (li, rel, sk))
+                # d_ino as one bytes object (0: a directory, or not known), not an int each
+                body = marshal.dumps((names, "".join(kinds), array.array("Q", inos).tobytes(),
+                                      xmap, unknown, dirs))
+                out.append(pack(len(head), len(body)))
+                out.append(head)
+                out.append(body)
+                size += len(head) + len(body) + 8
+                if size >= 32768:
+                    send(out)
+                    out.clear()
+                    size = 0
+            if rel.count(slash) >= 2047:
+                continue
+            base = rel + slash if rel else empty
+            stack.extend((base + n, subdirs[n]) for n in reversed(order(subdirs)))
     if out:
         send(out)
 try:
@@ -931,6 +942,11 @@ class Prefetcher:
     the child has no record of it (not reached yet, skipped, or an error there): the walker
     then lists it itself. Records are kept in a bounded buffer (the oldest dropped first),
     so memory does not grow with the layers; the child is throttled by the pipe.
+
+    Started with `starts` (a list of (layer, relpath)), the child reads those directories
+    one after the other, each with the layers beneath its own (the hidden walk's sub-stacks,
+    in the order the walk takes them) instead of the whole layers; the walker says which
+    start it is at (`start_no`, an index into `starts`), so that waiting stays bounded.
     """
 
     # The child decodes the names when it can decode them as this process does (False:
@@ -940,8 +956,10 @@ class Prefetcher:
     MAX_HEAD = 1 << 16  # a frame's (layer, relpath) and record: larger means a broken stream
     MAX_BODY = 1 << 30
 
-    def __init__(self, proc, layers) -> None:
+    def __init__(self, proc, layers, by_start: bool = False) -> None:
         self.proc = proc
+        self.by_start = by_start  # started with `starts`: positions are (start_no, path, layer)
+        self.start_no = 0
         self.fd = proc.stdout.fileno()
         # Set by the walk while it lists one merged directory's layer directories: their
         # directory names share one str (see _entries).
@@ -959,26 +977,42 @@ class Prefetcher:
         self.corrupt = False
 
     @classmethod
-    def start(cls, layers, xa: Xattrs) -> Optional["Prefetcher"]:
+    def start(cls, layers, xa: Xattrs,
+              starts: Optional[list[tuple[object, str]]] = None) -> Optional["Prefetcher"]:
         import subprocess
 
         if not sys.executable:
             return None
+        plan = None
+        if starts is not None:
+            index = {id(layer): i for i, layer in enumerate(layers)}
+            plan = marshal.dumps([(index[id(layer)], rel) for layer, rel in starts])
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-X", f"utf8={sys.flags.utf8_mode}", "-c", _CHILD,
                  xa.prefix,
                  f"{_FS_ENCODING}:{sys.getfilesystemencodeerrors()}" if cls.TEXT_NAMES else "-",
+                 "all" if plan is None else "starts",
                  *[lay.path for lay in layers]],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                close_fds=True)
+                stdin=subprocess.DEVNULL if plan is None else subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True)
         except OSError:
             return None
+        if plan is not None:
+            # The child reads all of it before it sends anything (no deadlock).
+            try:
+                with proc.stdin:
+                    proc.stdin.write(plan)
+            except OSError:
+                proc.kill()
+                proc.stdout.close()
+                proc.wait()
+                return None
         try:
             fcntl.fcntl(proc.stdout.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ
         except OSError:
             pass
-        return cls(proc, layers)
+        return cls(proc, layers, plan is not None)
 
     def close(self) -> None:
         proc, self.proc = self.proc, None
@@ -1036,16 +1070,18 @@ class Prefetcher:
                 stop = start + nhead + nbody
                 if stop > end:
                     break
-                li, rel = marshal.loads(view[start:start + nhead])
+                head = marshal.loads(view[start:start + nhead])
+                li, rel = head[0], head[1]
                 if type(rel) is not str:
                     rel = rel.decode(_FS_ENCODING, "surrogateescape")
-                key = (li, rel)
+                # (a directory of two starts' sub-stacks comes once for each)
+                key = (li, rel) if len(head) == 2 else (li, rel, head[2])
                 buf[key] = bytes(view[start + nhead:stop])
                 self.buffered += nbody
                 self.last = key
                 added += 1
                 pos = stop
-        except (ValueError, TypeError, EOFError, AttributeError):
+        except (ValueError, TypeError, EOFError, AttributeError, IndexError, KeyError):
             self._broken()
             return
         finally:
@@ -1058,10 +1094,16 @@ class Prefetcher:
             old = buf.pop(next(iter(buf)))
             self.buffered -= len(old)
 
+    def _position(self, key: tuple) -> tuple:
+        """Where a record (layer, relpath[, start]) comes in the child's order."""
+        if self.by_start:
+            return (key[2] if len(key) > 2 else -1, _order_key(key[1]), key[0])
+        return (_order_key(key[1]), key[0])
+
     def _before(self, want: tuple) -> bool:
-        """Has the child not passed `want` (order key, layer) yet?"""
+        """Has the child not passed `want` (a _position) yet?"""
         last = self.last
-        return last is None or (_order_key(last[1]), last[0]) < want
+        return last is None or self._position(last) < want
 
     def listing(self, layer, relpath: str, dirpath: str, dev: Optional[int],
                 mountpoints: Optional[frozenset], wait: bool = False,
@@ -1073,7 +1115,7 @@ class Prefetcher:
         li = self.index.get(id(layer))
         if li is None or self.proc is None:
             return None
-        key = (li, relpath)
+        key = (li, relpath, self.start_no) if self.by_start else (li, relpath)
         buf = self.buf
         rec = buf.get(key)
         if rec is None:
@@ -1081,7 +1123,7 @@ class Prefetcher:
             # made ahead of the walk (the buffer keeps records passed over, bounded).
             if wait:
                 # The walk's own order: the child gets there (or past it) soon.
-                want = (_order_key(relpath), li)
+                want = self._position(key)
                 while rec is None and self._before(want):
                     if not self._read(False) and (self.eof or not self._read(True)):
                         break

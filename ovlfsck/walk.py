@@ -761,11 +761,22 @@ class Walker:
             while self.hidden_roots:
                 roots, self.hidden_roots = self.hidden_roots, []
                 roots.sort(key=lambda r: (r[0].depth, r[1].encode("utf-8", "surrogateescape")))
+                todo: list[tuple[Layer, str]] = []
+                known: set[tuple[str, str]] = set()
                 for layer, rel in roots:
                     key = (layer_name(layer), rel)
+                    if not (key in self.claims or key in self.visited_hidden or key in known):
+                        known.add(key)
+                        todo.append((layer, rel))
+                del roots, known
+                pf = self._prefetch_hidden(todo)
+                for n, (layer, rel) in enumerate(todo):
+                    key = (layer_name(layer), rel)
                     if key in self.claims or key in self.visited_hidden:
-                        continue
+                        continue  # taken in by a redirect met in an earlier one
                     self.visited_hidden.add(key)
+                    if pf is not None:
+                        pf.start_no = n
                     # Its chain in the sub-stack that starts at its own layer.
                     chain = self.lookup_merged(rel.split("/"), layer)
                     if chain.members and chain.members[0].key == key:
@@ -777,6 +788,18 @@ class Walker:
                     yield from self._walk([(rel, members, True, True)])
         finally:
             self.close()
+
+    def _prefetch_hidden(self, todo: list[tuple[Layer, str]]) -> Optional[Prefetcher]:
+        """A prefetch child for the hidden walk of `todo`, if the walk had one (a run that
+        writes nothing, on a layer set large enough): the first child's records of these
+        directories went by long ago (the walk reached them only now), and reading them here
+        would cost this process what it costs the child on the other core."""
+        pf = self.prefetcher
+        if pf is None or pf.corrupt or not todo:
+            return None
+        pf.close()
+        self.prefetcher = Prefetcher.start(self.layers, self.xa, todo)
+        return self.prefetcher
 
     def close(self) -> None:
         """Stop the prefetch child, if any, and keep it from starting: the walk lists every
@@ -869,7 +892,13 @@ class Walker:
             del item
             # One str per directory name across this directory's layer listings.
             self._seen = {} if len(members) > 1 else None
-            listings = [self.listing(m, not hidden and m.relpath == path, hidden) for m in members]
+            # Waiting for the child's record is right for a directory on its path ahead: the
+            # walk's own pre-order, also in the hidden walk when the child reads its starts.
+            pf = self.prefetcher
+            ordered = not hidden or (pf is not None and pf.by_start)
+            keep = hidden and not ordered
+            del pf
+            listings = [self.listing(m, ordered and m.relpath == path, keep) for m in members]
             self._seen = None
             if self.prefetcher is not None:
                 self.prefetcher.names = None

@@ -17,6 +17,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import xattr
@@ -243,6 +244,114 @@ def test_the_child_sends_directories_in_the_walks_byte_pre_order(tmp_path, monke
     assert sent == sorted(sent, key=lambda k: (fsio._order_key(k[1]), k[0]))
     names = [k[1] for k in sent if k[1].startswith("only-lower/z")]
     assert names == ["only-lower/z\ue000d", os.fsdecode(b"only-lower/z\xff")]
+
+
+@needs_root
+@pytest.mark.parametrize("text_names", [True, False], ids=["child-decodes", "bytes"])
+def test_a_child_given_starts_reads_them_in_their_order_with_the_layers_beneath(
+        tmp_path, monkeypatch, text_names):
+    """The hidden walk's child (started with `starts`): each start in the order given, in
+    pre-order, with its own layer and those beneath (not those above); every head says
+    which start it is of, and the records are what a scan reads."""
+    upper, lower = _layer_tree(tmp_path)
+    layers = [Layer(Role.UPPER, 0, str(upper), 0), Layer(Role.LOWER, 0, str(lower), 1)]
+    xa = Xattrs("trusted")
+    monkeypatch.setattr(Prefetcher, "TEXT_NAMES", text_names)
+    zff = os.fsdecode(b"z\xff")
+    pf = Prefetcher.start(layers, xa, [(layers[1], "only-lower"), (layers[0], "d")])
+    assert pf is not None and pf.by_start
+    try:
+        heads = []
+        records = {}
+        pf.MAX_BUFFERED = 1 << 30
+        while pf._read(True):
+            for k in pf.buf:
+                if k not in records:
+                    records[k] = pf.buf[k]
+                    heads.append(k)
+        assert heads == [
+            (1, "only-lower", 0), (1, "only-lower/z\ue000d", 0), (1, "only-lower/" + zff, 0),
+            (0, "d", 1), (1, "d", 1), (0, "d/e", 1), (1, "d/e", 1)]
+        assert pf.last == (1, "d/e", 1)
+        for (li, rel, start_no) in records:
+            dirpath = os.path.join(layers[li].path, rel)
+            pf.start_no = start_no
+            got = pf.listing(layers[li], rel, dirpath, None, None)
+            want = fsio.scan_sorted(dirpath)
+            assert list(got) == list(want), rel
+            for name, e in got.items():
+                assert dict(e.xattrs(xa)) == want[name].xattrs(xa), (rel, name)
+    finally:
+        pf.close()
+    assert pf.proc is None
+
+
+def _hidden_tree(base: Path) -> tuple[Path, Path, Path]:
+    """Lower directories the merged view never reaches: under a whiteout, under an opaque
+    directory, and one (lower1/w/deep) only its own sub-stack reaches."""
+    upper, lower0, lower1 = base / "upper", base / "lower0", base / "lower1"
+    for root in (upper, lower0, lower1):
+        (root / "keep").mkdir(parents=True)
+        (root / "keep" / "f").write_text("x")
+    for i in range(6):
+        for root in (lower0, lower1):
+            (root / f"gone{i}" / "sub" / "deeper").mkdir(parents=True)
+            (root / f"gone{i}" / "sub" / f"file{i}").write_text("x")
+        mkwhiteout(upper / f"gone{i}")
+    (upper / "opq").mkdir()
+    setx(upper / "opq", "opaque", b"y")
+    (lower0 / "opq" / "under").mkdir(parents=True)
+    mkwhiteout(lower0 / "opq" / "under" / "wo")
+    (lower1 / "w" / "deep").mkdir(parents=True)
+    (lower0 / "w").write_text("a file over lower1's directory")
+    return upper, lower0, lower1
+
+
+def _visits_of(walker, children: Optional[list] = None) -> list:
+    """What each visit saw, and which prefetcher (an index into `children`) was there."""
+    out = []
+    for v in walker.visits():
+        pf = walker.prefetcher
+        if pf is not None and children is not None and pf not in children:
+            children.append(pf)
+        out.append((v.path, v.hidden, [m.key for m in v.members],
+                    [sorted((n, e.kind, dict(e.xattrs(walker.xa))) for n, e in lst.items())
+                     for lst in v.listings],
+                    None if pf is None else children.index(pf)))
+    return out
+
+
+@needs_root
+def test_the_hidden_walk_is_read_by_a_child_of_its_own(tmp_path, monkeypatch):
+    """The first child's records of hidden lower directories went by long before the walk
+    gets to them: the hidden walk starts a child for its starts and waits for it, reading
+    nothing itself; it sees what the walk without a child sees."""
+    upper, lower0, lower1 = _hidden_tree(tmp_path)
+    from ovlfsck.stack import Stack
+
+    stack = Stack(lowers=(Layer(Role.LOWER, 0, str(lower0), 1),
+                          Layer(Role.LOWER, 1, str(lower1), 2)),
+                  upper=Layer(Role.UPPER, 0, str(upper), 0))
+    monkeypatch.setenv("OVLFSCK_PREFETCH", "0")
+    plain = _visits_of(Walker(stack, Xattrs("trusted"), lambda *a: None, prefetch=True))
+    monkeypatch.setenv("OVLFSCK_PREFETCH", "1")
+    read = []
+    real_scan = fsio.scan_sorted
+    monkeypatch.setattr("ovlfsck.walk.scan_sorted",
+                        lambda path, *a: read.append(path) or real_scan(path, *a))
+    walker = Walker(stack, Xattrs("trusted"), lambda *a: None, prefetch=True)
+    children: list = []
+    fetched = _visits_of(walker, children)
+    assert [v[:4] for v in fetched] == [v[:4] for v in plain]
+    hidden = [v for v in fetched if v[1]]
+    assert {v[0] for v in hidden} >= {"gone0", "gone5/sub/deeper", "opq/under", "w", "w/deep"}
+    main = {v[4] for v in fetched if not v[1]}
+    assert len(main) == 1 and not children[main.pop()].by_start
+    of_hidden = {v[4] for v in hidden}
+    assert None not in of_hidden and all(children[i].by_start for i in of_hidden)
+    # Every hidden listing was served by them: none missed, none read here.
+    assert sum(children[i].served for i in of_hidden) == sum(len(v[2]) for v in hidden)
+    assert sum(children[i].missed for i in of_hidden) == 0 and read == []
 
 
 def _run_check(args, monkeypatch, capsys, prefetch: str) -> tuple[int, dict]:
