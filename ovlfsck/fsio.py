@@ -1071,6 +1071,9 @@ class Prefetcher:
                 if stop > end:
                     break
                 head = marshal.loads(view[start:start + nhead])
+                if type(head) is not tuple or not 2 <= len(head) <= 3 or any(
+                        type(n) is not int for n in head[::2]):
+                    raise ValueError("not a record's head")
                 li, rel = head[0], head[1]
                 if type(rel) is not str:
                     rel = rel.decode(_FS_ENCODING, "surrogateescape")

@@ -510,16 +510,28 @@ class _FakeProc:
         return 0
 
 
+def _frame(head) -> bytes:
+    import marshal
+    import struct
+
+    h, b = marshal.dumps(head), marshal.dumps(([], "", b"", {}, [], []))
+    return struct.pack("<II", len(h), len(b)) + h + b
+
+
+@pytest.mark.parametrize("by_start", [False, True], ids=["all", "starts"])
 @pytest.mark.parametrize("garbage", [
     b"\x05\x00\x00\x00\x03\x00\x00\x00" + b"\xff" * 8,  # lengths fine, contents not marshal
     b"\xff\xff\xff\xff\xff\xff\xff\x7f",  # lengths out of range
-])
-def test_a_broken_stream_stops_the_child_and_the_walk_reads_itself(tmp_path, garbage):
+    # marshal, but not a head: (layer, relpath[, start]) with int layer and start
+    _frame(5), _frame(("x", "")), _frame((0, "", "1")), _frame((0, "", 1, 2)), _frame((0,)),
+], ids=["not-marshal", "lengths", "int-head", "str-layer", "str-start", "long-head",
+        "short-head"])
+def test_a_broken_stream_stops_the_child_and_the_walk_reads_itself(tmp_path, garbage, by_start):
     """A stream out of step (a short write once lost bytes) must not crash the check or
     hold unbounded data: the prefetcher stops the child and gives no records."""
     layer = Layer(Role.LOWER, 0, str(tmp_path), 0)
     proc = _FakeProc(garbage)
-    pf = Prefetcher(proc, [layer])
+    pf = Prefetcher(proc, [layer], by_start)
     assert pf.listing(layer, "", str(tmp_path), None, None, wait=True) is None
     assert pf.corrupt and proc.killed and pf.proc is None
     assert pf.listing(layer, "", str(tmp_path), None, None) is None
