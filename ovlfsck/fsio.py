@@ -1071,14 +1071,15 @@ class Prefetcher:
                 if stop > end:
                     break
                 head = marshal.loads(view[start:start + nhead])
-                if type(head) is not tuple or not 2 <= len(head) <= 3 or any(
+                # (layer, relpath), and the start's number from a child given starts
+                if type(head) is not tuple or len(head) != 2 + self.by_start or any(
                         type(n) is not int for n in head[::2]):
                     raise ValueError("not a record's head")
                 li, rel = head[0], head[1]
                 if type(rel) is not str:
                     rel = rel.decode(_FS_ENCODING, "surrogateescape")
                 # (a directory of two starts' sub-stacks comes once for each)
-                key = (li, rel) if len(head) == 2 else (li, rel, head[2])
+                key = (li, rel, head[2]) if self.by_start else (li, rel)
                 buf[key] = bytes(view[start + nhead:stop])
                 self.buffered += nbody
                 self.last = key
@@ -1100,7 +1101,7 @@ class Prefetcher:
     def _position(self, key: tuple) -> tuple:
         """Where a record (layer, relpath[, start]) comes in the child's order."""
         if self.by_start:
-            return (key[2] if len(key) > 2 else -1, _order_key(key[1]), key[0])
+            return (key[2], _order_key(key[1]), key[0])
         return (_order_key(key[1]), key[0])
 
     def _before(self, want: tuple) -> bool:
@@ -1255,7 +1256,6 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
     out.special = names if len(special) == len(names) else [names[i] for i in sorted(special)]
     out.dirs = names if len(dirs) == len(names) else [names[i] for i in dirs]
     return out
-
 
 
 # --------------------------------------------------------------------------- messages

@@ -323,6 +323,25 @@ class _Packed(tuple):
         return join(frame.path, name), out, straight, frame.hidden
 
 
+def add_one_or_more(mapping: dict, key, item) -> None:
+    """Add `item` under `key` in a map kept to the end of a walk: the item itself while it
+    is the only one (most keys), a list once there are more. Items must not be lists."""
+    prev = mapping.get(key)
+    if prev is None:
+        mapping[key] = item
+    elif type(prev) is list:
+        prev.append(item)
+    else:
+        mapping[key] = [prev, item]
+
+
+def one_or_more(value) -> list:
+    """The items of an add_one_or_more value (None: none)."""
+    if value is None:
+        return []
+    return value if type(value) is list else [value]
+
+
 class Claim:
     """A directory whose redirect reached a lower directory: its layer and relpath, the
     merged path the redirect gave, and its origin xattr as read then (or None)."""
@@ -706,20 +725,11 @@ class Walker:
         if x is None:  # not so: its redirect was read from them
             x = owner.entry.xattrs(self.xa)
         claim = Claim(owner.layer, owner.relpath, merged, x.get("origin"))
-        prev = self.claims.get(key)
-        if prev is None:
-            self.claims[key] = claim
-        elif type(prev) is list:
-            prev.append(claim)
-        else:
-            self.claims[key] = [prev, claim]
+        add_one_or_more(self.claims, key, claim)
 
     def claimants(self, key: tuple[str, str]) -> list["Claim"]:
         """The claims on the lower directory `key`, in the order they were made."""
-        got = self.claims.get(key)
-        if got is None:
-            return []
-        return got if type(got) is list else [got]
+        return one_or_more(self.claims.get(key))
 
     def lookup_merged(self, comps: list[str], top: Optional[Layer] = None) -> Chain:
         """Look up a whole path in the merged view (of the sub-stack from `top` down),
@@ -762,19 +772,17 @@ class Walker:
                 roots, self.hidden_roots = self.hidden_roots, []
                 roots.sort(key=lambda r: (r[0].depth, r[1].encode("utf-8", "surrogateescape")))
                 todo: list[tuple[Layer, str]] = []
-                known: set[tuple[str, str]] = set()
                 for layer, rel in roots:
                     key = (layer_name(layer), rel)
-                    if not (key in self.claims or key in self.visited_hidden or key in known):
-                        known.add(key)
+                    if not (key in self.claims or key in self.visited_hidden):
+                        self.visited_hidden.add(key)  # taken up once
                         todo.append((layer, rel))
-                del roots, known
+                del roots
                 pf = self._prefetch_hidden(todo)
                 for n, (layer, rel) in enumerate(todo):
                     key = (layer_name(layer), rel)
-                    if key in self.claims or key in self.visited_hidden:
+                    if key in self.claims:
                         continue  # taken in by a redirect met in an earlier one
-                    self.visited_hidden.add(key)
                     if pf is not None:
                         pf.start_no = n
                     # Its chain in the sub-stack that starts at its own layer.

@@ -31,7 +31,7 @@ from ovlfsck.fsio import Entry, quoted, special_items, walk_tree
 from ovlfsck.problems import BY_CODE
 from ovlfsck.repair import Quarantine, RemoveXattr, SetXattr
 from ovlfsck.stack import Layer, Role
-from ovlfsck.walk import DirVisit, Member, join
+from ovlfsck.walk import DirVisit, Member, add_one_or_more, join
 
 NULL = handles.NULL_UUID
 
@@ -517,14 +517,7 @@ def _claim(st: _State, fh: handles.OvlFh, relpath: str, entry: Entry, own: bool,
     # Kept for every upper entry with an origin until the end of the walk: compact (one
     # bytes key, one tuple; a list only for an origin claimed more than once).
     key = fh.uuid + bytes((fh.fid_type,)) + fh.fid
-    c = (relpath, s.st_dev, s.st_ino, own, indexed)
-    prev = st.claims.get(key)
-    if prev is None:
-        st.claims[key] = c
-    elif type(prev) is list:
-        prev.append(c)
-    else:
-        st.claims[key] = [prev, c]
+    add_one_or_more(st.claims, key, (relpath, s.st_dev, s.st_ino, own, indexed))
 
 
 def _pd2(host_path: str) -> str:

@@ -537,6 +537,17 @@ def test_a_broken_stream_stops_the_child_and_the_walk_reads_itself(tmp_path, gar
     assert pf.listing(layer, "", str(tmp_path), None, None) is None
 
 
+@pytest.mark.parametrize("by_start", [False, True], ids=["all", "starts"])
+def test_a_head_of_the_other_mode_is_a_broken_stream(tmp_path, by_start):
+    """A child given starts heads every record with its start's number, the other child
+    never: a head of the other form means the stream is out of step."""
+    layer = Layer(Role.LOWER, 0, str(tmp_path), 0)
+    proc = _FakeProc(_frame((0, "") if by_start else (0, "", 0)))
+    pf = Prefetcher(proc, [layer], by_start)
+    assert pf.listing(layer, "", str(tmp_path), None, None, wait=True) is None
+    assert pf.corrupt and proc.killed
+
+
 def test_a_stop_and_continue_of_the_child_loses_nothing(tmp_path):
     """Ctrl-Z and fg stop and continue the whole process group: the child's os.write on the
     full pipe returns short. Before, the rest of the batch was lost and the parent read
