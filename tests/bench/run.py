@@ -4,7 +4,7 @@
     run.py --entries 200000 [--also 1000000] [--json OUT] [--seed S] [--no-strace] [--no-repair]
 
 For each size: make a sparse ext4 image, loop-mount it (a real uuid, so real handles),
-generate the layer set (generate.py), then measure, each in a fresh subprocess:
+generate the layer set (generate.py) and sync it, then measure, each in a fresh subprocess:
   floor   scandir + lstat + listxattr over every entry of every layer
   ovlfsck python -m ovlfsck check -n (every check enabled)
 warm (run twice, the second one counts; --repeat N: the fastest of N after the first) and
@@ -145,6 +145,12 @@ def one_size(entries: int, seed: int, use_strace: bool, log, repeat: int = 1,
                    "--seed", str(seed), "--out", out))
         gen_s = time.perf_counter() - t
         log(f"[{entries}] generated {n} entries in {gen_s:.1f}s")
+        # The generator's writes go to disk now, not during the measurements: on 2 cores
+        # the write-back (ext4, then the loop device's image file) would take CPU from
+        # whichever command runs first, for longer the larger the set.
+        t = time.perf_counter()
+        os.sync()
+        log(f"[{entries}] synced in {time.perf_counter() - t:.1f}s")
         layers = [os.path.join(out, x) for x in ("lower0", "lower1", "upper", "work")]
         floor_cmd = [PY, "-c", FLOOR, *layers]
         ovl_cmd = [PY, "-m", "ovlfsck", "check", "-n", "-q",
