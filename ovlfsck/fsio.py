@@ -236,7 +236,7 @@ class Listing(dict):
     __slots__ = ("special", "dirs", "inos", "special_items")
 
     def __init__(self, *args) -> None:
-        super().__init__(*args)
+        dict.__init__(self, *args)
         self.special: Optional[list[str]] = None
         self.special_items: Optional[list[tuple[str, Entry]]] = None  # see special_items()
         self.dirs: Optional[list[str]] = None  # when known: the names of the directories
@@ -256,9 +256,9 @@ class LazyListing(Listing):
 
     __slots__ = ("_src",)
 
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        self._src: Optional[tuple] = None  # (kinds, inos, dev, prefix) while any is unmade
+    def __init__(self, *args, src: Optional[tuple] = None) -> None:
+        Listing.__init__(self, *args)
+        self._src = src  # (kinds, inos, dev, prefix) while any is unmade
 
     def _make(self, name: str, i: int) -> Entry:
         kinds, inos, dev, prefix = self._src  # type: ignore[misc]
@@ -1183,42 +1183,50 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
              mountpoints: Optional[frozenset], seen: Optional[dict] = None) -> Listing:
     """A child's record -> the Listing `scan` would give (names decoded as os.scandir
     decodes them here; xattr names as Xattrs.read_all decodes them). `seen`: {name: name}
-    shared by the listings of one merged directory (Prefetcher.names)."""
+    shared by the listings of one merged directory (Prefetcher.names).
+
+    Called once per layer directory of the walk (~24,000 times on the 200k bench set): the
+    common case (no xattrs, no entry of another type) takes the fewest steps."""
     names, kinds, raw_inos, raw_xmap, unknown, dirs = rec
-    inos = array.array("Q")
-    inos.frombytes(raw_inos)  # d_ino of each entry, 0 for a directory (or not known)
-    if len(inos) != len(names) or len(kinds) != len(names):
+    n = len(names)
+    inos = array.array("Q", raw_inos)  # d_ino of each entry, 0 for a directory (or not known)
+    if len(inos) != n or len(kinds) != n:
         raise ValueError("record fields of different lengths")
-    if names and type(names[0]) is bytes:  # the child could not decode as we do
+    if n and type(names[0]) is bytes:  # the child could not decode as we do
         enc = _FS_ENCODING
-        names = [n.decode(enc, "surrogateescape") for n in names]
-    intern = sys.intern
-    xmap = raw_xmap
-    first = next(iter(raw_xmap.values()), None)
-    if first and type(next(iter(first))) is bytes:
-        # the child could not decode xattr names as Xattrs.read_all does: decoded here
-        xmap = {i: PackedXattrs.of({intern(k.decode("utf-8", "surrogateescape")): v
-                                    for k, v in x.items()}) for i, x in raw_xmap.items()}
+        names = [b.decode(enc, "surrogateescape") for b in names]
+    if raw_xmap:
+        first = next(iter(raw_xmap.values()))
+        if first and type(next(iter(first))) is bytes:
+            # the child could not decode xattr names as Xattrs.read_all does: decoded here
+            intern = sys.intern
+            xmap = {i: PackedXattrs.of({intern(k.decode("utf-8", "surrogateescape")): v
+                                        for k, v in x.items()}) for i, x in raw_xmap.items()}
+        else:
+            pack = PackedXattrs.of
+            xmap = {i: pack(x) for i, x in raw_xmap.items()}
     else:
-        pack = PackedXattrs.of
-        xmap = {i: pack(x) for i, x in raw_xmap.items()}
+        xmap = raw_xmap
     # One str per directory name for all the layers that have it (their Members wait in
     # the walk's stack: a wide merged directory's would otherwise hold a copy per layer).
     # Not sys.intern: the interpreter's table would grow to the widest directory for good.
-    if seen is not None:
+    if seen is not None and dirs:
         for i in dirs:
-            n = names[i]
-            names[i] = seen.setdefault(n, n)
+            name = names[i]
+            names[i] = seen.setdefault(name, name)
     prefix = DirPrefix(dirpath if dirpath.endswith("/") else dirpath + "/")
-    special = set(xmap)
-    special.update(unknown)
+    other = "?" in kinds  # an entry whose type d_type did not tell (a whiteout is one)
+    if xmap or unknown or other:
+        special = set(xmap)
+        special.update(unknown)
+    else:
+        special = None  # no entry is special (most directories)
     if not mountpoints:
         # Entries made on use (LazyListing), but for those of another type (below: a
         # whiteout is a character device), with xattrs or unknown ones: the passes look at
         # few of the others.
-        out = LazyListing(zip(names, range(len(names))))
-        out._src = (kinds, inos, dev, prefix)
-        if "?" in kinds:
+        out = LazyListing(zip(names, range(n)), src=(kinds, inos, dev, prefix))
+        if other:
             find = kinds.find
             i = find("?")
             while i >= 0:
@@ -1230,7 +1238,8 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
         out = Listing(zip(names, [_record_entry(name, code, ino, dev, prefix) if code != "?"
                                   else _other_kind(name, prefix, ino, dev)
                                   for name, code, ino in zip(names, kinds, inos)]))
-        special.update(i for i, code in enumerate(kinds) if code == "?")
+        if other:
+            special.update(i for i, code in enumerate(kinds) if code == "?")
     if xmap:
         setitem, getitem = dict.__setitem__, dict.__getitem__
         for i, x in xmap.items():
@@ -1242,8 +1251,6 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
                 e._xattrs = x
     for i in unknown:
         out[names[i]]._xattrs = None  # the child could not read them: read here
-    if type(out) is LazyListing and len(special) == len(names):
-        out._src = None  # every entry was made above
     stand_in = dev is not None
     if mountpoints:
         for e in out.values():
@@ -1253,8 +1260,15 @@ def _entries(rec: tuple, dirpath: str, dev: Optional[int],
     if stand_in:
         out.inos = inos
     # Every name special, or every one a directory (a wide root's): the names list itself.
-    out.special = names if len(special) == len(names) else [names[i] for i in sorted(special)]
-    out.dirs = names if len(dirs) == len(names) else [names[i] for i in dirs]
+    if special is None:
+        out.special = []
+    elif len(special) == n:
+        out.special = names
+        if type(out) is LazyListing:
+            out._src = None  # every entry was made above
+    else:
+        out.special = [names[i] for i in sorted(special)]
+    out.dirs = names if len(dirs) == n else [names[i] for i in dirs]
     return out
 
 

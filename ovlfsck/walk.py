@@ -955,8 +955,14 @@ class Walker:
                            if entry.kind is _DIR or (entry.kind is None and entry.is_dir))
             for name, entry in subdirs:
                 chain = chains.get(name)
-                if chain is not None and any(m.entry is entry for m in chain.members):
-                    continue
+                if chain is not None:
+                    for m in chain.members:  # (a loop: not any() of a generator, per subdir)
+                        if m.entry is entry:
+                            break
+                    else:
+                        m = None
+                    if m is not None:
+                        continue
                 if redirected is None:
                     known = chains.built() if isinstance(chains, Chains) else chains.values()
                     redirected = {m.key for c in known if c.redirects
