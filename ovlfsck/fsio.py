@@ -864,45 +864,72 @@ def main():
                 if slash == "/" and not all(map(str.isascii, names)):
                     des.sort(key=bytename)  # byte order
                     names = [de.name for de in des]
-                kinds = []
-                inos = []
                 xmap = {}
                 unknown = []
-                dirs = []
-                for i, de in enumerate(des):
-                    try:
+                # The type from d_type and d_ino: no syscall here, and nothing fails but for
+                # a file system without d_type (then one entry at a time, "?" where it does).
+                try:
+                    kinds = []
+                    for de in des:
                         if de.is_file(follow_symlinks=False):
-                            k = "f"
+                            kinds.append("f")
                         elif de.is_dir(follow_symlinks=False):
-                            k = "d"
-                            subdirs.setdefault(names[i], []).append(li)
-                            dirs.append(i)
+                            kinds.append("d")
                         elif de.is_symlink():
-                            k = "l"
+                            kinds.append("l")
                         else:
-                            k = "?"
-                        ino = de.inode() if k != "d" else 0
-                    except OSError:
-                        k, ino = "?", 0
-                    kinds.append(k)
-                    inos.append(ino)
-                    p = de.name
-                    try:
-                        xs = listx(p, follow_symlinks=False)
-                    except OSError:
-                        unknown.append(i)
-                        continue
-                    if xs:
-                        ours = [n for n in xs if n.startswith(prefix) and not n.startswith(esc)]
-                        if ours:
-                            try:
-                                xmap[i] = {xkey(n[plen:]): share(getx(p, n, follow_symlinks=False))
-                                           for n in ours}
-                            except OSError:
-                                unknown.append(i)
+                            kinds.append("?")
+                    inos = [de.inode() for de in des]
+                except OSError:
+                    kinds = []
+                    inos = []
+                    for de in des:
+                        try:
+                            if de.is_file(follow_symlinks=False):
+                                k = "f"
+                            elif de.is_dir(follow_symlinks=False):
+                                k = "d"
+                            elif de.is_symlink():
+                                k = "l"
+                            else:
+                                k = "?"
+                            ino = de.inode()
+                        except OSError:
+                            k, ino = "?", 0
+                        kinds.append(k)
+                        inos.append(ino)
+                kinds = "".join(kinds)
+                dirs = []
+                i = kinds.find("d")
+                while i >= 0:
+                    dirs.append(i)
+                    inos[i] = 0  # (a directory's d_ino is not sent: a mount point's differs)
+                    subdirs.setdefault(names[i], []).append(li)
+                    i = kinds.find("d", i + 1)
+                try:
+                    xls = [listx(p, follow_symlinks=False) for p in names]
+                except OSError:
+                    xls = []
+                    for i, p in enumerate(names):
+                        try:
+                            xls.append(listx(p, follow_symlinks=False))
+                        except OSError:
+                            unknown.append(i)
+                            xls.append(None)
+                if any(xls):  # (in a lower layer most directories have no xattrs at all)
+                    for i, xs in enumerate(xls):
+                        if xs:
+                            ours = [n for n in xs if n.startswith(prefix) and not n.startswith(esc)]
+                            if ours:
+                                p = names[i]
+                                try:
+                                    xmap[i] = {xkey(n[plen:]): share(getx(p, n, follow_symlinks=False))
+                                               for n in ours}
+                                except OSError:
+                                    unknown.append(i)
                 head = marshal.dumps((li, rel) if sk is None else (li, rel, sk))
                 # d_ino as one bytes object (0: a directory, or not known), not an int each
-                body = marshal.dumps((names, "".join(kinds), array.array("Q", inos).tobytes(),
+                body = marshal.dumps((names, kinds, array.array("Q", inos).tobytes(),
                                       xmap, unknown, dirs))
                 out.append(pack(len(head), len(body)))
                 out.append(head)

@@ -219,6 +219,56 @@ def test_prefetch_records_are_what_a_scan_reads(tmp_path, monkeypatch, text_name
     assert pf.listing(layers[0], "", str(upper), None, None) is None  # closed: nothing
 
 
+# The child with os.listxattr failing for names that start with "gone" (as for an entry
+# removed since the listing) and os.getxattr for those that start with "noget".
+_FAILING_READS = """
+import os
+def _failing(real, stem):
+    def call(path, *args, **kw):
+        if os.fsdecode(path).startswith(stem):
+            raise FileNotFoundError(2, "gone")
+        return real(path, *args, **kw)
+    return call
+os.listxattr = _failing(os.listxattr, "gone")
+os.getxattr = _failing(os.getxattr, "noget")
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("text_names", [True, False], ids=["child-decodes", "bytes"])
+def test_entries_whose_xattrs_the_child_cannot_read_are_left_to_the_walk(
+        tmp_path, monkeypatch, text_names):
+    """The child reads a directory's xattrs in one go; when a read fails it still sends
+    every entry, marks the failed ones unknown (the walk reads those itself) and the
+    others' xattrs as read."""
+    d = tmp_path / "layer"
+    (d / "sub").mkdir(parents=True)
+    for name in ("a", "gone1", "m", "noget1", "z"):
+        (d / name).write_text("")
+        setx(d / name, "origin", name.encode())
+    (d / "gone2").mkdir()
+    layers = [Layer(Role.LOWER, 0, str(d), 0)]
+    xa = Xattrs("trusted")
+    monkeypatch.setattr(fsio, "_CHILD", _FAILING_READS + fsio._CHILD)
+    monkeypatch.setattr(Prefetcher, "TEXT_NAMES", text_names)
+    pf = Prefetcher.start(layers, xa)
+    assert pf is not None
+    try:
+        got = pf.listing(layers[0], "", str(d), None, None, wait=True)
+    finally:
+        pf.close()
+    assert got is not None
+    want = fsio.scan_sorted(str(d))
+    assert list(got) == list(want) == ["a", "gone1", "gone2", "m", "noget1", "sub", "z"]
+    unread = [n for n, e in got.items() if e._xattrs is None]
+    assert unread == ["gone1", "gone2", "noget1"]
+    for name, e in got.items():
+        assert (e.kind, e.ino) == (want[name].kind, want[name].ino), name
+        assert dict(e.xattrs(xa)) == want[name].xattrs(xa), name  # the walk's own read
+    assert got.special == ["a", "gone1", "gone2", "m", "noget1", "z"]
+    assert got.dirs == ["gone2", "sub"]
+
+
 @needs_root
 @pytest.mark.parametrize("text_names", [True, False], ids=["child-decodes", "bytes"])
 def test_the_child_sends_directories_in_the_walks_byte_pre_order(tmp_path, monkeypatch, text_names):
