@@ -429,6 +429,7 @@ class Walker:
     # Entries listed before the prefetch child is started: small layer sets (most tests,
     # small containers) are done before a child would have paid for itself.
     PREFETCH_AFTER = 1000
+    LOOKUPS_KEPT = 1024  # see _lookups
 
     def __init__(self, stack: Stack, xa: Xattrs, on_error: Callable[[Layer, str, OSError], None],
                  prefetch: bool = False):
@@ -461,6 +462,11 @@ class Walker:
         self._listed = 0
         self._seen: Optional[dict[str, str]] = None  # see _walk
         self._roots: Optional[list[tuple[Layer, str, os.stat_result]]] = None
+        # lookup_merged's intermediate directories: (top layer's depth or -1, "a/b") ->
+        # (members, straight), while nothing that a lookup reads can have changed (until
+        # close(): the engine calls it before any write but an in-place origin rewrite,
+        # which no lookup reads). Bounded: emptied when full.
+        self._lookups: Optional[dict[tuple[int, str], tuple[list[Member], bool]]] = {}
 
     # ------------------------------------------------------------------ listing
 
@@ -735,19 +741,42 @@ class Walker:
         """Look up a whole path in the merged view (of the sub-stack from `top` down),
         component by component, with the kernel's rules (redirects of every directory on
         the way included). Point lookups only; nothing is registered as a claim."""
-        members = [m for m in self.root_members() if top is None or m.layer.depth >= top.depth]
-        path = ""
-        straight = True
+        memo = self._lookups
+        tkey = -1 if top is None else top.depth
+        start = 0
+        members: Optional[list[Member]] = None
+        if memo:
+            # The deepest intermediate directory looked up before (the hidden walk's starts
+            # and the redirects' old locations share most of their parents).
+            k = len(comps) - 1
+            while k > 0:
+                got = memo.get((tkey, "/".join(comps[:k])))
+                if got is not None:
+                    members, straight = got
+                    start = k
+                    break
+                k -= 1
+        if members is None:
+            members = [m for m in self.root_members() if top is None or m.layer.depth >= top.depth]
+            straight = True
+        path = "/".join(comps[:start])
         chain = Chain("")
-        for i, comp in enumerate(comps):
+        last = len(comps) - 1
+        for i in range(start, last + 1):
+            comp = comps[i]
             chain = self.resolve(comp, members, None, path, straight, register=False)
-            if i == len(comps) - 1:
+            if i == last:
                 return chain
             if not chain.is_dir:
                 return Chain(comps[-1])
             members = chain.members
             straight = straight and chain.straight
             path = join(path, comp)
+            memo = self._lookups
+            if memo is not None:
+                if len(memo) >= self.LOOKUPS_KEPT:
+                    memo.clear()
+                memo[(tkey, path)] = (members, straight)
         return chain
 
     # ------------------------------------------------------------------ the walk
@@ -813,6 +842,7 @@ class Walker:
         """Stop the prefetch child, if any, and keep it from starting: the walk lists every
         directory itself from now on (at its end; or after a write, see engine)."""
         self._prefetch_after = None
+        self._lookups = None  # (what they hold may change from now on)
         if self.prefetcher is not None:
             self.prefetcher.close()
             self.prefetcher = None

@@ -371,6 +371,98 @@ def _visits_of(walker, children: Optional[list] = None) -> list:
     return out
 
 
+def _lookup_tree(base: Path) -> tuple[Path, Path, Path]:
+    """Three layers whose lookups meet every rule on the way: an opaque directory, an
+    absolute and a relative redirect on intermediate directories, a whiteout, a file over
+    a directory, and siblings that share their parents (`rm -rf usr/share/doc/*` in a
+    later layer)."""
+    upper, lower0, lower1 = base / "upper", base / "lower0", base / "lower1"
+    for root in (upper, lower0, lower1):
+        (root / "usr" / "share" / "doc").mkdir(parents=True)
+    for i in range(5):
+        for root in (lower0, lower1):
+            (root / "usr" / "share" / "doc" / f"p{i}" / "sub").mkdir(parents=True)
+        mkwhiteout(upper / "usr" / "share" / "doc" / f"p{i}")
+    (lower1 / "old" / "a" / "b").mkdir(parents=True)
+    (upper / "new" / "a").mkdir(parents=True)
+    setx(upper / "new", "redirect", b"/old")  # new/a/b is lower1's old/a/b
+    (lower1 / "old" / "a" / "c").mkdir()
+    (upper / "new" / "a" / "c").mkdir()
+    # `/X` on X itself counts as a self-redirect only on a path without redirects: not here
+    setx(upper / "new" / "a" / "c", "redirect", b"/new/a/c")
+    (lower0 / "ren" / "x").mkdir(parents=True)
+    (lower1 / "orig" / "x").mkdir(parents=True)
+    setx(lower0 / "ren", "redirect", b"orig")  # relative, in lower0
+    (upper / "opq" / "in").mkdir(parents=True)
+    setx(upper / "opq", "opaque", b"y")
+    (lower0 / "opq" / "in" / "deep").mkdir(parents=True)
+    (lower0 / "f").write_text("a file over lower1's directory")
+    (lower1 / "f" / "d").mkdir(parents=True)
+    return upper, lower0, lower1
+
+
+def _chain_shape(chain) -> tuple:
+    return ([(m.key, m.entry.path, m.entry.kind, m.via_redirect) for m in chain.members],
+            chain.stop, chain.whiteout.key if chain.whiteout else None,
+            [(r.member.key, r.value, r.problem, r.self_redirect) for r in chain.redirects])
+
+
+@needs_root
+def test_merged_lookups_reuse_the_parents_looked_up_before(tmp_path, monkeypatch):
+    """lookup_merged keeps the intermediate directories it looked up (the hidden walk's
+    starts and the redirects' old locations share their parents) while nothing has been
+    written: the chains are those of a lookup from the root, with fewer lookups; after
+    close() (the engine calls it before a write) nothing kept is used."""
+    from ovlfsck.stack import Stack
+    import ovlfsck.walk as walk_mod
+
+    upper, lower0, lower1 = _lookup_tree(tmp_path)
+    layers = (Layer(Role.LOWER, 0, str(lower0), 1), Layer(Role.LOWER, 1, str(lower1), 2))
+    stack = Stack(lowers=layers, upper=Layer(Role.UPPER, 0, str(upper), 0))
+    paths = set()
+    for root in (upper, lower0, lower1):
+        for dirpath, dirs, files in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            for n in dirs + files + ["missing"]:
+                paths.add(n if rel == "." else f"{rel}/{n}")
+    paths = sorted(paths)
+    tops = [None, *layers]
+    calls = []
+    real_resolve = walk_mod.Walker.resolve
+    monkeypatch.setattr(walk_mod.Walker, "resolve",
+                        lambda self, *a, **k: calls.append(1) or real_resolve(self, *a, **k))
+
+    def lookups(walker) -> list:
+        calls.clear()
+        out = [_chain_shape(walker.lookup_merged(p.split("/"), top))
+               for _ in range(2) for top in tops for p in paths]
+        return out, len(calls)
+
+    plain = Walker(stack, Xattrs("trusted"), lambda *a: None)
+    plain._lookups = None
+    want, plain_calls = lookups(plain)
+    kept = Walker(stack, Xattrs("trusted"), lambda *a: None)
+    got, kept_calls = lookups(kept)
+    assert got == want
+    assert kept_calls < plain_calls * 0.7, (kept_calls, plain_calls)
+    assert kept._lookups  # what it kept
+    # Bounded: emptied when full, and the chains are still the same.
+    monkeypatch.setattr(Walker, "LOOKUPS_KEPT", 3)
+    small = Walker(stack, Xattrs("trusted"), lambda *a: None)
+    got, _ = lookups(small)
+    assert got == want and len(small._lookups) <= 3
+    # After close(), a change on disk is seen (nothing kept is used any more).
+    comps = ["usr", "share", "doc", "p0", "sub"]
+    before = _chain_shape(kept.lookup_merged(comps, layers[0]))
+    assert [k for k, *_ in before[0]] == [("lower:0", "usr/share/doc/p0/sub"),
+                                          ("lower:1", "usr/share/doc/p0/sub")]
+    kept.close()
+    setx(lower0 / "usr" / "share", "opaque", b"y")
+    after = _chain_shape(kept.lookup_merged(comps, layers[0]))
+    assert [k for k, *_ in after[0]] == [("lower:0", "usr/share/doc/p0/sub")]
+    assert kept._lookups is None
+
+
 @needs_root
 def test_the_hidden_walk_is_read_by_a_child_of_its_own(tmp_path, monkeypatch):
     """The first child's records of hidden lower directories went by long before the walk
