@@ -40,7 +40,7 @@ class UnknownHandle(ValueError):
     """Valid framing, but a version/flag/endianness the kernel treats as 'unknown' (ENODATA)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # (slots: the index keeps one per entry to the end)
 class OvlFh:
     flags: int
     fid_type: int
@@ -77,7 +77,14 @@ def decode(raw: bytes) -> OvlFh:
         raise UnknownHandle(f"unknown version {version} or flags 0x{flags:02x}")
     if not flags & FLAG_ANY_ENDIAN and (flags & FLAG_BIG_ENDIAN) != CPU_ENDIAN_FLAG:
         raise UnknownHandle("handle written on a machine of the other endianness")
-    return OvlFh(flags=flags, fid_type=fid_type, uuid=bytes(raw[5:21]), fid=bytes(raw[21:length]), version=version)
+    uuid = bytes(raw[5:21])
+    if len(_UUIDS) < 64:
+        uuid = _UUIDS.setdefault(uuid, uuid)
+    return OvlFh(flags, fid_type, uuid, bytes(raw[21:length]), version)
+
+
+# The uuids seen (a layer set has a few): one bytes object each for all the handles kept.
+_UUIDS: dict[bytes, bytes] = {}
 
 
 def decode_index_name(name: str) -> OvlFh:
