@@ -506,7 +506,6 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
         layer = member.layer
         if layer.is_upper and member.relpath == "" and visit.path == "" and not visit.hidden:
             _check_protattr(ctx, layer, "", ctx.xattrs_of(layer, "", member.entry))
-        below = [(m, lst) for m, lst in zip(visit.members[k + 1:], visit.listings[k + 1:])]
         # Entries without overlay xattrs are skipped below: special_items leaves them out
         # when the listing knows them.
         for name, entry in special_items(listing):
@@ -533,6 +532,7 @@ def check(ctx: CheckContext, visit: DirVisit) -> None:
             chain = visit.chains.get(name)
             on_top = (not visit.hidden and chain is not None and chain.top is not None
                       and chain.top.key == (layer.name, rel))
+            below = list(zip(visit.members[k + 1:], visit.listings[k + 1:]))
             _check_file(ctx, st, Node(layer, rel, entry), x, below, on_top)
 
 
