@@ -807,24 +807,69 @@ class Walker:
                         self.visited_hidden.add(key)  # taken up once
                         todo.append((layer, rel))
                 del roots
-                pf = self._prefetch_hidden(todo)
-                for n, (layer, rel) in enumerate(todo):
+                # Starts in several layers at one relative path: the topmost one's chain
+                # usually takes those beneath in (unless something between cuts it), and a
+                # start reached so is walked with it, not again from its own layer: with n
+                # layers sharing a hidden directory, n walks instead of n(n+1)/2. Their
+                # chains are looked up first, for the child's plan.
+                looked, covered = self._shared_starts(todo)
+                plan = [t for t in todo if (layer_name(t[0]), t[1]) not in covered]
+                pf = self._prefetch_hidden(plan)
+                plan_no = {(layer_name(lay), rel): n for n, (lay, rel) in enumerate(plan)}
+                del plan, covered
+                # What the walks reached (of the starts): their visits' members, so that
+                # what the lookups above foresaw is checked, not assumed.
+                starts = {(layer_name(lay), rel) for lay, rel in todo}
+                reached: set[tuple[str, str]] = set()
+                for layer, rel in todo:
                     key = (layer_name(layer), rel)
-                    if key in self.claims:
-                        continue  # taken in by a redirect met in an earlier one
+                    if key in self.claims or key in reached:
+                        continue  # taken in by a redirect, or by a start above it
                     if pf is not None:
-                        pf.start_no = n
-                    # Its chain in the sub-stack that starts at its own layer.
-                    chain = self.lookup_merged(rel.split("/"), layer)
-                    if chain.members and chain.members[0].key == key:
-                        members = chain.members
-                    else:
+                        pf.start_no = plan_no.get(key, -1)  # -1: not in the child's plan
+                    # Its chain in the sub-stack that starts at its own layer (looked up
+                    # above, if nothing was written since: close() ends _lookups).
+                    members = looked.pop(key, None)
+                    if members is None or self._lookups is None:
+                        chain = self.lookup_merged(rel.split("/"), layer)
+                        members = chain.members if chain.members and chain.members[0].key == key else None
+                        del chain
+                    if members is None:
                         path = os.path.join(layer.path, rel)
                         entry = lstat_entry(path) or Entry(os.path.basename(path), path, _DIR)
                         members = [Member(layer, rel, entry)]
-                    yield from self._walk([(rel, members, True, True)])
+                    for visit in self._walk([(rel, members, True, True)]):
+                        for m in visit.members:
+                            k = m.key
+                            if k in starts:
+                                reached.add(k)
+                        yield visit
+                        del visit  # (not held while the walker makes the next one)
+                    del members
         finally:
             self.close()
+
+    def _shared_starts(self, todo: list[tuple[Layer, str]]
+                       ) -> tuple[dict[tuple[str, str], list[Member]], set[tuple[str, str]]]:
+        """For the starts whose relative path is also a start in another layer: the chain
+        of each one (the topmost first) that no earlier one's chain took in, and the starts
+        that those chains take in (key -> members, covered keys)."""
+        count: dict[str, int] = {}
+        for _layer, rel in todo:
+            count[rel] = count.get(rel, 0) + 1
+        looked: dict[tuple[str, str], list[Member]] = {}
+        covered: set[tuple[str, str]] = set()
+        for layer, rel in todo:  # (by depth: the topmost of a relative path first)
+            if count[rel] < 2:
+                continue
+            key = (layer_name(layer), rel)
+            if key in covered or key in self.claims:
+                continue
+            members = self.lookup_merged(rel.split("/"), layer).members
+            if members and members[0].key == key:
+                looked[key] = members
+                covered.update(m.key for m in members[1:])
+        return looked, covered
 
     def _prefetch_hidden(self, todo: list[tuple[Layer, str]]) -> Optional[Prefetcher]:
         """A prefetch child for the hidden walk of `todo`, if the walk had one (a run that

@@ -463,6 +463,72 @@ def test_merged_lookups_reuse_the_parents_looked_up_before(tmp_path, monkeypatch
     assert kept._lookups is None
 
 
+DEEP_HIDDEN = """
+[lower:0]
+dir app
+file app/a0 text=x
+whiteout app/w0
+dir app/sub
+whiteout app/sub/ws0
+[lower:1]
+dir app
+dir app/sub
+file app/sub/s1 text=y
+[lower:2]
+dir app
+xattr app opaque=y
+file app/a2 text=z
+whiteout app/w2
+[lower:3]
+dir app
+file app/a3 text=w
+[lower:4]
+whiteout app
+[lower:5]
+dir app
+whiteout app/w5
+file app/a5 text=v
+[upper]
+whiteout app
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("prefetch", ["0", "1"], ids=["no-child", "child"])
+def test_a_hidden_directory_shared_by_layers_is_walked_once(tmp_path, monkeypatch, prefetch):
+    """A hidden directory in n layers: the topmost one's sub-stack takes in those beneath
+    it until something cuts the chain (an opaque directory, a whiteout), and those are not
+    walked again from their own layers (n walks, not n(n+1)/2). With a child, its plan
+    leaves them out too: the walk reads nothing itself."""
+    from ovlfsck.fixture import build
+    from ovlfsck.stack import Stack
+
+    built = build(DEEP_HIDDEN, str(tmp_path))
+    lowers = tuple(Layer(Role.LOWER, i, built[f"lower:{i}"], i + 1) for i in range(6))
+    stack = Stack(lowers=lowers, upper=Layer(Role.UPPER, 0, built["upper"], 0))
+    monkeypatch.setenv("OVLFSCK_PREFETCH", prefetch)
+    read = []
+    real_scan = fsio.scan_sorted
+    monkeypatch.setattr("ovlfsck.walk.scan_sorted",
+                        lambda path, *a: read.append(path) or real_scan(path, *a))
+    plans = []
+    real_start = Prefetcher.start.__func__
+    monkeypatch.setattr(Prefetcher, "start", classmethod(
+        lambda cls, layers, xa, starts=None: plans.append(starts) or real_start(cls, layers, xa, starts)))
+    walker = Walker(stack, Xattrs("trusted"), lambda *a: None, prefetch=True)
+    hidden = [(v.path, [m.key for m in v.members]) for v in walker.visits() if v.hidden]
+    assert hidden == [
+        ("app", [("lower:0", "app"), ("lower:1", "app"), ("lower:2", "app")]),
+        ("app/sub", [("lower:0", "app/sub"), ("lower:1", "app/sub")]),
+        ("app", [("lower:3", "app")]),
+        ("app", [("lower:5", "app")]),
+    ]
+    if prefetch == "1":
+        assert [[(lay.name, rel) for lay, rel in plan] for plan in plans[1:]] == [
+            [("lower:0", "app"), ("lower:3", "app"), ("lower:5", "app")]]
+        assert not [p for p in read if "/app" in p]  # every hidden listing from the child
+
+
 @needs_root
 def test_the_hidden_walk_is_read_by_a_child_of_its_own(tmp_path, monkeypatch):
     """The first child's records of hidden lower directories went by long before the walk

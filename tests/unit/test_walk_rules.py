@@ -347,6 +347,18 @@ xattr b2 origin=@lower:0:b
     assert r.codes(doc) == [("OVL101", "lower:0", "b/orphan2"), ("OVL101", "lower:0", "x/orphan1")]
 
 
+def test_a_hidden_directory_in_many_layers_is_checked_once_in_each(run):
+    """The sub-stack of the topmost hidden `app` takes in those beneath it down to the
+    opaque one; the rest are walked from their own layers: every whiteout is judged once,
+    against the layers beneath its own."""
+    from tests.unit.test_perf_walk import DEEP_HIDDEN
+
+    r = run(DEEP_HIDDEN)
+    code, doc = r.check("-n")
+    assert r.codes(doc) == [("OVL101", "lower:0", "app/sub/ws0"), ("OVL101", "lower:0", "app/w0"),
+                            ("OVL101", "lower:5", "app/w5"), ("OVL102", "lower:2", "app/w2")]
+
+
 @pytest.mark.parametrize("child", [
     "symlink d/s target\nxattr d/s origin=@lower:0:d/s",  # D6: symlinks count too
     "fifo d/p\nxattr d/p origin=@lower:0:d/p",
