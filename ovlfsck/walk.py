@@ -429,7 +429,7 @@ class Walker:
     # Entries listed before the prefetch child is started: small layer sets (most tests,
     # small containers) are done before a child would have paid for itself.
     PREFETCH_AFTER = 1000
-    LOOKUPS_KEPT = 1024  # see _lookups
+    LOOKUPS_KEPT = 64  # see _lookups (each holds a few Members with their stat and xattrs)
 
     def __init__(self, stack: Stack, xa: Xattrs, on_error: Callable[[Layer, str, OSError], None],
                  prefetch: bool = False):
@@ -465,7 +465,8 @@ class Walker:
         # lookup_merged's intermediate directories: (top layer's depth or -1, "a/b") ->
         # (members, straight), while nothing that a lookup reads can have changed (until
         # close(): the engine calls it before any write but an in-place origin rewrite,
-        # which no lookup reads). Bounded: emptied when full.
+        # which no lookup reads). Bounded (emptied when full): the lookups that share
+        # parents come one after the other (the hidden walk's starts are sorted).
         self._lookups: Optional[dict[tuple[int, str], tuple[list[Member], bool]]] = {}
 
     # ------------------------------------------------------------------ listing
@@ -811,8 +812,9 @@ class Walker:
                 # usually takes those beneath in (unless something between cuts it), and a
                 # start reached so is walked with it, not again from its own layer: with n
                 # layers sharing a hidden directory, n walks instead of n(n+1)/2. Their
-                # chains are looked up first, for the child's plan.
-                looked, covered = self._shared_starts(todo)
+                # chains are looked up first, for the child's plan (and again when walked:
+                # kept, they would cost ~1.2 KB each, 1,439 of them at 1M).
+                covered = self._shared_starts(todo)
                 plan = [t for t in todo if (layer_name(t[0]), t[1]) not in covered]
                 pf = self._prefetch_hidden(plan)
                 plan_no = {(layer_name(lay), rel): n for n, (lay, rel) in enumerate(plan)}
@@ -827,13 +829,10 @@ class Walker:
                         continue  # taken in by a redirect, or by a start above it
                     if pf is not None:
                         pf.start_no = plan_no.get(key, -1)  # -1: not in the child's plan
-                    # Its chain in the sub-stack that starts at its own layer (looked up
-                    # above, if nothing was written since: close() ends _lookups).
-                    members = looked.pop(key, None)
-                    if members is None or self._lookups is None:
-                        chain = self.lookup_merged(rel.split("/"), layer)
-                        members = chain.members if chain.members and chain.members[0].key == key else None
-                        del chain
+                    # Its chain in the sub-stack that starts at its own layer.
+                    chain = self.lookup_merged(rel.split("/"), layer)
+                    members = chain.members if chain.members and chain.members[0].key == key else None
+                    del chain
                     if members is None:
                         path = os.path.join(layer.path, rel)
                         entry = lstat_entry(path) or Entry(os.path.basename(path), path, _DIR)
@@ -849,15 +848,13 @@ class Walker:
         finally:
             self.close()
 
-    def _shared_starts(self, todo: list[tuple[Layer, str]]
-                       ) -> tuple[dict[tuple[str, str], list[Member]], set[tuple[str, str]]]:
-        """For the starts whose relative path is also a start in another layer: the chain
-        of each one (the topmost first) that no earlier one's chain took in, and the starts
-        that those chains take in (key -> members, covered keys)."""
+    def _shared_starts(self, todo: list[tuple[Layer, str]]) -> set[tuple[str, str]]:
+        """The starts that the chain of a start above them at the same relative path takes
+        in (of the starts whose relative path is a start in another layer, the topmost
+        first, each one that no earlier one's chain took in is looked up)."""
         count: dict[str, int] = {}
         for _layer, rel in todo:
             count[rel] = count.get(rel, 0) + 1
-        looked: dict[tuple[str, str], list[Member]] = {}
         covered: set[tuple[str, str]] = set()
         for layer, rel in todo:  # (by depth: the topmost of a relative path first)
             if count[rel] < 2:
@@ -867,9 +864,8 @@ class Walker:
                 continue
             members = self.lookup_merged(rel.split("/"), layer).members
             if members and members[0].key == key:
-                looked[key] = members
                 covered.update(m.key for m in members[1:])
-        return looked, covered
+        return covered
 
     def _prefetch_hidden(self, todo: list[tuple[Layer, str]]) -> Optional[Prefetcher]:
         """A prefetch child for the hidden walk of `todo`, if the walk had one (a run that
